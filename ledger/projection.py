@@ -319,6 +319,11 @@ def _run_finished(state, e):
         state.runs[e.run].finished_at = e.ts
 
 
+def _run_reopened(state, e):
+    if e.run in state.runs:
+        state.runs[e.run].finished_at = None
+
+
 def _run_cancelled(state, e):
     if e.run in state.runs:
         state.runs[e.run].cancelled = True
@@ -360,6 +365,7 @@ def _launching_resumed(state, e):
 
 _RUN_HANDLERS = {
     "run_submitted": _run_submitted, "run_finished": _run_finished, "run_cancelled": _run_cancelled,
+    "run_reopened": _run_reopened,
     "paused": _paused, "resumed": _resumed, "scheduler_started": _scheduler_started,
     "scheduler_stopped": _scheduler_stopped, "gpu_unreadable": _gpu_unreadable,
     "gpu_readable": _gpu_readable, "launching_halted": _launching_halted,

@@ -67,7 +67,7 @@ ACTIVE = frozenset({L, R})
 
 #: Run-level events (no job): they never change a job's status.
 RUN_EVENTS = frozenset({
-    "run_submitted", "run_finished", "run_cancelled", "paused", "resumed",
+    "run_submitted", "run_finished", "run_cancelled", "run_reopened", "paused", "resumed",
     "scheduler_started", "scheduler_stopped", "gpu_unreadable", "gpu_readable",
     "launching_halted", "launching_resumed", "summary_written", "hook_ran",
 })

@@ -1,0 +1,97 @@
+"""`ledger check`: every precondition of a plan, judged on the GPU host, per job.
+
+Runs where the jobs will run (locally or through the agent over SSH) and returns
+plain data: host-level checks (python, the launcher, cwd, conda env, GPUs) and,
+per job, what blocks it. Nothing here changes the host.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from .decide import expand_home
+
+
+def host_checks(plan, provider=None):
+    """(name, ok, detail) for everything a run needs on this host."""
+    home = os.path.expanduser("~")
+    cwd = expand_home(plan.cwd, home)
+    out = [("python3 >= 3.9", sys.version_info >= (3, 9), sys.version.split()[0])]
+    launcher = plan.launcher or "screen"
+    if launcher in ("screen", "tmux"):
+        found = shutil.which(launcher)
+        out.append(("%s present" % launcher, bool(found), found or "%s is not installed (or set launcher: process)" % launcher))
+    out.append(("cwd exists", os.path.isdir(cwd), cwd))
+    if plan.conda:
+        ok, detail = conda_env_exists(plan.conda, plan.conda_hook)
+        out.append(("conda env %s" % plan.conda, ok, detail))
+    if provider is not None:
+        out.append(_gpu_check(plan, provider))
+    return out
+
+
+def conda_env_exists(env, manifest_hook=None):
+    """Ask conda itself (through the same hook the jobs use) whether ENV exists."""
+    from .launchers import resolve_conda_hook
+    hook = resolve_conda_hook(manifest_hook, os.environ, os.path.expanduser("~"))
+    if hook is None:
+        return False, "conda not found (set conda_hook or LEDGER_CONDA_HOOK)"
+    script = "%s\nconda env list" % hook
+    try:
+        res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return False, "conda env list timed out"
+    if res.returncode != 0:
+        return False, "conda env list failed: %s" % ((res.stderr or res.stdout).strip().splitlines() or ["?"])[-1]
+    names = set()
+    for line in res.stdout.splitlines():
+        if line.strip() and not line.startswith("#"):
+            first = line.split()[0]
+            names.add(first)
+            names.add(os.path.basename(line.split()[-1]))
+    return (env in names or os.path.isdir(env)), ("found" if env in names else "no conda env named %s" % env)
+
+
+def _gpu_check(plan, provider):
+    snap = provider.read()
+    if snap.error:
+        return ("GPUs readable", False, snap.error)
+    allowed = plan.gpus if plan.gpus is not None else sorted(snap.gpus)
+    free = [i for i in allowed if i in snap.gpus and snap.gpus[i].used_mib is not None
+            and snap.gpus[i].error is None and snap.gpus[i].used_mib < plan.gpu_free_threshold_mib]
+    need = min(plan.max_parallel or len(allowed), len(allowed)) if allowed else 1
+    missing = [i for i in allowed if i not in snap.gpus]
+    detail = "%d of %d GPUs free now (%s)%s" % (len(free), len(allowed), ",".join(map(str, free)) or "none",
+                                                 "; GPUs %s not found" % missing if missing else "")
+    return ("GPUs free for max_parallel=%d" % need, len(free) >= need and not missing, detail)
+
+
+def job_checks(plan):
+    """job id -> list of reasons it is blocked now (empty: ready)."""
+    home = os.path.expanduser("~")
+    cwd = expand_home(plan.cwd, home)
+    out = {}
+    for job in plan.jobs:
+        reasons = []
+        for pre in job.preconditions:
+            if pre.get("type") == "checkpoint_exists":
+                path = os.path.join(cwd, pre["path"])
+                found = glob.glob(path) if any(c in path for c in "*?[") else os.path.exists(path)
+                if not found:
+                    reasons.append("checkpoint_exists: %s not found" % pre["path"])
+        out[job.id] = reasons
+    return out
+
+
+def check(plan, provider=None):
+    """The full report `ledger check` prints."""
+    hosts = [{"check": n, "ok": ok, "detail": d} for n, ok, d in host_checks(plan, provider)]
+    host_problems = [h["check"] for h in hosts if not h["ok"] and not h["check"].startswith("GPUs free")]
+    jobs = []
+    for job_id, reasons in job_checks(plan).items():
+        jobs.append({"job": job_id, "blocked": bool(reasons or host_problems),
+                     "reasons": reasons + ["host: %s failed" % p for p in host_problems]})
+    gpu_ok = all(h["ok"] for h in hosts if h["check"].startswith("GPUs"))
+    return {"host": hosts, "jobs": jobs, "ok": not any(j["blocked"] for j in jobs) and gpu_ok}

@@ -1,0 +1,112 @@
+"""summary.md for a run, rendered from the projection alone (a pure replay).
+
+Same events in, same bytes out: the scheduler writes it when a run ends, and
+``ledger summary RUN`` renders it again at any time from the ledger.
+"""
+
+import time
+
+from .states import JobStatus
+
+
+def iso(ts):
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts)) if ts else "-"
+
+
+def duration(seconds):
+    """Human wall-clock: 45s, 12m05s, 3h02m."""
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % (seconds // 60, seconds % 60)
+    return "%dh%02dm" % (seconds // 3600, (seconds % 3600) // 60)
+
+
+def job_runtime(job):
+    """Seconds the job's attempts ran in total (launch to end)."""
+    total = 0.0
+    for a in job.attempts:
+        start = a.started_at or a.requested_at
+        if start and a.ended_at:
+            total += a.ended_at - start
+    return total
+
+
+def _table(headers, rows):
+    from tabulate import tabulate
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def render_summary(state, run_id):
+    run = state.runs[run_id]
+    plan = run.plan_obj
+    jobs = list(run.jobs.values())
+    by = {s: [j for j in jobs if j.status == s] for s in JobStatus}
+    completed = by[JobStatus.COMPLETED]
+    oom_then_ok = [j for j in completed if j.oom_count > 0]
+    end = run.finished_at or state.last_ts
+    lines = [
+        "# Summary of run %s" % run.id,
+        "",
+        "- Project: %s" % run.project,
+        "- Working directory: %s" % plan.cwd,
+        "- Started: %s" % iso(run.submitted_at),
+        "- Completed: %s" % (iso(run.finished_at) if run.finished_at else "not yet (as of %s)" % iso(end)),
+        "- Total wall clock: %s" % duration(end - run.submitted_at if end else None),
+        "- Jobs: %d total, %d completed (%d after OOM retries), %d stuck, %d blocked, %d cancelled"
+        % (len(jobs), len(completed), len(oom_then_ok), len(by[JobStatus.STUCK]),
+           len(by[JobStatus.BLOCKED]), len(by[JobStatus.CANCELLED])),
+        "",
+        "## Phases",
+        "",
+    ]
+    rows = []
+    for phase in plan.phases:
+        pj = [j for j in jobs if j.phase == phase.name]
+        ok = [j for j in pj if j.status == JobStatus.COMPLETED]
+        starts = [a.requested_at for j in pj for a in j.attempts if a.requested_at]
+        ends = [a.ended_at for j in pj for a in j.attempts if a.ended_at]
+        span = (max(ends) - min(starts)) if starts and ends else None
+        rows.append([phase.name, len(pj), "%d/%d" % (len(ok), len(pj)), sum(j.oom_count for j in pj),
+                     sum(j.failures for j in pj), duration(span)])
+    lines += [_table(["phase", "jobs", "success", "OOM retries", "other failures", "duration"], rows), ""]
+    lines += ["## Jobs", ""]
+    rows = [[j.id, j.phase, j.status.value, j.attempt, j.oom_count, duration(job_runtime(j)),
+             _one_line(j.reason) if j.status != JobStatus.COMPLETED else ""] for j in jobs]
+    lines += [_table(["job", "phase", "status", "attempts", "OOMs", "run time", "last error"], rows), ""]
+    results = [(j.id, o) for j in completed for o in j.outputs]
+    lines += ["## Result files", ""]
+    if results:
+        lines += ["- %s: `%s`" % (jid, path) for jid, path in results]
+    else:
+        lines.append("No output checks matched any file." if any(plan.job(j.id).output_check for j in jobs)
+                     else "The manifest has no output checks.")
+    lines += ["", "## Next steps", ""]
+    lines += _next_steps(run, by)
+    return "\n".join(lines) + "\n"
+
+
+def _next_steps(run, by):
+    steps = []
+    for job in by[JobStatus.STUCK]:
+        steps.append("- `%s` is stuck: %s. Read `ledger logs %s --run %s`, fix it, then `ledger retry %s --run %s`."
+                     % (job.id, _one_line(job.reason), job.id, run.id, job.id, run.id))
+    for job in by[JobStatus.BLOCKED]:
+        steps.append("- `%s` is blocked: %s." % (job.id, _one_line(job.reason)))
+    if by[JobStatus.CANCELLED]:
+        steps.append("- %d job(s) were cancelled; `ledger retry JOB --run %s` runs one again."
+                     % (len(by[JobStatus.CANCELLED]), run.id))
+    if not steps:
+        steps.append("- Every job completed. Audit retries with `ledger sql \"SELECT * FROM retry_history "
+                     "WHERE run = '%s'\"`." % run.id)
+    return steps
+
+
+def _one_line(text, limit=160):
+    if not text:
+        return ""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
