@@ -1,0 +1,107 @@
+"""Helpers to drive whole runs through the real `ledger` command and read their ledger."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+from conftest import wait_for
+
+LEDGER = [sys.executable, "-m", "ledger.cli.main"]
+
+
+def ledger(*args, check=True, timeout=120, env=None):
+    """Run the real CLI; returns CompletedProcess (text)."""
+    res = subprocess.run(LEDGER + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                         env=env)
+    if check and res.returncode != 0:
+        raise AssertionError("ledger %s failed (%d):\n%s\n%s" % (" ".join(map(str, args)), res.returncode,
+                                                                res.stdout, res.stderr))
+    return res
+
+
+def write_manifest(tmp_path, text, name="manifest.yaml", **fmt):
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    body = textwrap.dedent(text).format(cwd=str(work), **fmt)
+    path = tmp_path / name
+    path.write_text(body)
+    return str(path)
+
+
+def submit(manifest, *extra):
+    out = ledger("submit", manifest, "--host", "local", *extra).stdout
+    run = out.split("run ", 1)[1].split()[0]
+    return run
+
+
+def events(db, run=None, kinds=None):
+    from ledger.store import open_store
+    with open_store(db, readonly=True) as store:
+        return list(store.read(run=run, kinds=kinds))
+
+
+def state(db):
+    from ledger.store import open_store
+    with open_store(db, readonly=True) as store:
+        return store.state()
+
+
+def wait_finished(db, run, timeout=90):
+    def done():
+        st = state(db)
+        return st.runs[run] if st.runs[run].finished else None
+    return wait_for(done, timeout=timeout, interval=0.2, what="run %s to finish" % run)
+
+
+def wait_event(db, run, kind, job=None, timeout=60, count=1):
+    def seen():
+        evs = [e for e in events(db, run, [kind]) if job is None or e.job == job]
+        return evs if len(evs) >= count else None
+    return wait_for(seen, timeout=timeout, interval=0.1, what="%s of %s" % (kind, job or run))
+
+
+def kinds_of(evs, job):
+    return [e.kind for e in evs if e.job == job]
+
+
+def gpu_intervals(evs):
+    """gpu -> [(start, end, job, attempt)] from launch_requested to the attempt's end."""
+    starts, out = {}, {}
+    for e in evs:
+        key = (e.run, e.job, e.attempt)
+        if e.kind == "launch_requested":
+            starts[key] = (e.ts, e.data["gpus"])
+        elif e.kind in ("exited", "cancelled", "launch_lost", "launch_failed") and key in starts:
+            ts, gpus = starts.pop(key)
+            end = e.data.get("ended_at", e.ts) if e.kind == "exited" else e.ts
+            for g in gpus:
+                out.setdefault(g, []).append((ts, end, e.job, e.attempt))
+    return out
+
+
+def assert_no_gpu_shared(evs):
+    for gpu, spans in gpu_intervals(evs).items():
+        spans.sort()
+        for (s1, e1, j1, a1), (s2, e2, j2, a2) in zip(spans, spans[1:]):
+            assert s2 >= e1, "GPU %s held by %s#%s and %s#%s at once" % (gpu, j1, a1, j2, a2)
+
+
+def scheduler_pid(db):
+    from ledger.scheduler import scheduler_pid as pid_of
+    return pid_of(db)
+
+
+def kill_scheduler(db, sig=signal.SIGKILL):
+    pid = scheduler_pid(db)
+    if pid and pid > 0:
+        os.kill(pid, sig)
+        wait_for(lambda: scheduler_pid(db) is None, timeout=10, what="scheduler to die")
+    return pid
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)

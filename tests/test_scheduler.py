@@ -1,0 +1,396 @@
+"""The scheduler on the GPU simulator, with real screen sessions and real processes.
+
+Each test submits a manifest through the real `ledger` command, which starts a
+detached scheduler; the assertions read the ledger the scheduler wrote.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import wait_for
+from fixtures_run import (assert_no_gpu_shared, events, kill_scheduler, kinds_of, ledger, scheduler_pid,
+                          state, submit, wait_event, wait_finished, write_manifest)
+
+SIM_JOB = "python3 -m ledger.sim job"
+
+
+def test_grid_of_12_on_4_gpus_completes_never_sharing_a_gpu(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: grid12
+        cwd: {cwd}
+        gpu_provider: "sim:4x80G,lag=0.3"
+        grid: {{seed: [1, 2, 3], lr: [1, 2, 3, 4]}}
+        template:
+          id: "s${{seed}}_lr${{lr}}"
+          cmd: {job} --mem 30000 --seconds 1 --out out/s${{seed}}_lr${{lr}}.json
+          output_check: out/s${{seed}}_lr${{lr}}.json
+        """, job=SIM_JOB)
+    run = submit(m)
+    final = wait_finished(ledger_db, run)
+    assert final.counts()["completed"] == 12
+    evs = events(ledger_db, run)
+    assert not [e for e in evs if e.kind == "oom_detected"]
+    assert_no_gpu_shared(evs)
+    launched = [e for e in evs if e.kind == "launch_requested"]
+    assert len(launched) == 12 and {g for e in launched for g in e.data["gpus"]} == {0, 1, 2, 3}
+    assert all(e.data["gpu_uuids"][0].startswith("GPU-") for e in launched)
+    summary = tmp_path / "work" / "experiment_queue" / run / "summary.md"
+    assert summary.exists() and "12 completed" in summary.read_text()
+    log = tmp_path / "work" / "experiment_queue" / run / "logs" / "s1_lr1.1.log"
+    assert log.exists()
+    out = ledger("status", run).stdout
+    assert "completed" in out and "s3_lr4" in out
+
+
+def test_oom_under_foreign_load_retries_and_completes_after_it_leaves(tmp_path, ledger_db):
+    from ledger.sim import add_load, remove_load
+    m = write_manifest(tmp_path, """
+        project: foreign
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0.2"
+        oom_retry: {{delay: 1, max_attempts: 3}}
+        jobs:
+          - id: big
+            cmd: {job} --mem 40000 --ramp 2 --seconds 2 --out out/big.json
+            output_check: out/big.json
+        """, job=SIM_JOB)
+    run = submit(m)
+    wait_event(ledger_db, run, "launched", "big")
+    sim_dir = os.path.join(os.path.dirname(ledger_db), "sim")
+    load = add_load(sim_dir, 0, 70000)
+    wait_event(ledger_db, run, "oom_detected", "big")
+    wait_event(ledger_db, run, "retried", "big")
+    time.sleep(1.0)   # a window in which a careless scheduler would launch onto the loaded GPU
+    assert not [e for e in events(ledger_db, run, ["launch_requested"]) if e.attempt == 2]
+    unloaded_at = time.time()
+    remove_load(sim_dir, id=load)
+    final = wait_finished(ledger_db, run)
+    job = final.jobs["big"]
+    assert job.status.value == "completed" and job.attempt == 2 and job.oom_count == 1
+    second = [e for e in events(ledger_db, run, ["launch_requested"]) if e.attempt == 2][0]
+    assert second.ts >= unloaded_at
+    oom = events(ledger_db, run, ["oom_detected"])[0]
+    assert "CUDA out of memory" in oom.data["line"]
+
+
+def test_late_memory_release_never_lands_a_wave_on_a_busy_gpu(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: lag
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=1.5"
+        oom_retry: {{delay: 1, max_attempts: 1}}
+        grid: {{i: [1, 2, 3]}}
+        template:
+          id: "w${{i}}"
+          cmd: {job} --mem 60000 --seconds 0.5 --out out/w${{i}}.json
+          output_check: out/w${{i}}.json
+        """, job=SIM_JOB)
+    run = submit(m)
+    final = wait_finished(ledger_db, run)
+    assert final.counts()["completed"] == 3
+    evs = events(ledger_db, run)
+    assert not [e for e in evs if e.kind == "oom_detected"]
+    ends = {e.job: e.data["ended_at"] for e in evs if e.kind == "exited"}
+    starts = {e.job: e.ts for e in evs if e.kind == "launch_requested"}
+    assert starts["w2"] >= ends["w1"] + 1.4 and starts["w3"] >= ends["w2"] + 1.4
+
+
+def test_failures_end_as_described(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: failing
+        cwd: {cwd}
+        gpu_provider: "sim:4x80G,lag=0"
+        jobs:
+          - id: no_output
+            cmd: "true"
+            output_check: out/never.json
+          - id: exits_3
+            cmd: "echo about to fail; echo boom >&2; exit 3"
+          - id: flaky
+            cmd: "exit 5"
+            retry: {{max_attempts: 2, delay: 0}}
+          - id: too_slow
+            cmd: "sleep 60"
+            timeout: 1
+        """)
+    run = submit(m)
+    final = wait_finished(ledger_db, run)
+    evs = events(ledger_db, run)
+    jobs = final.jobs
+    assert jobs["no_output"].status.value == "stuck"
+    failed = [e for e in evs if e.kind == "failed" and e.job == "no_output"][0]
+    assert failed.data["outcome"] == "missing_output" and "out/never.json" in failed.data["reason"]
+    assert jobs["exits_3"].status.value == "stuck"
+    f3 = [e for e in evs if e.kind == "failed" and e.job == "exits_3"][0]
+    assert f3.data["exit_code"] == 3 and "boom" in f3.data["log_tail"]
+    assert kinds_of(evs, "flaky").count("failed") == 2 and "retried" in kinds_of(evs, "flaky")
+    assert jobs["flaky"].attempt == 2 and jobs["flaky"].status.value == "stuck"
+    assert "timed_out" in kinds_of(evs, "too_slow")
+    assert jobs["too_slow"].status.value == "stuck" and "timeout" in jobs["too_slow"].reason
+
+
+def test_job_hung_after_writing_its_output_is_cleaned_and_counts_as_completed(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: hang
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        stale_grace: 1
+        jobs:
+          - id: lingers
+            cmd: {job} --mem 1000 --seconds 0.2 --out out/l.json --hang-after-output
+            output_check: out/l.json
+        """, job=SIM_JOB)
+    run = submit(m)
+    final = wait_finished(ledger_db, run, timeout=60)
+    job = final.jobs["lingers"]
+    assert job.status.value == "completed" and job.attempts[-1].stale_cleaned
+    pid = job.attempts[-1].pid
+    assert pid and not os.path.exists("/proc/%d" % pid) or _is_zombie(pid)
+
+
+def _is_zombie(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().split(")")[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_teacher_student_phases_and_a_stuck_teacher_blocks_its_students(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: distill
+        cwd: {cwd}
+        gpu_provider: "sim:2x80G,lag=0"
+        phases:
+          - name: train_teachers
+            grid: {{N: [384, 512]}}
+            template:
+              id: "teacher_N${{N}}"
+              cmd: {job} --mem 1000 --seconds 0.3 --out checkpoints/teacher_N${{N}}.pt
+              output_check: checkpoints/teacher_N${{N}}.pt
+          - name: distill_students
+            depends_on: train_teachers
+            grid: {{N: [384, 512], seed: [42, 200]}}
+            template:
+              id: "student_N${{N}}_s${{seed}}"
+              cmd: {job} --mem 1000 --seconds 0.2 --out figures/distill_N${{N}}_x_seed${{seed}}.json
+              output_check: "figures/distill_N${{N}}_*_seed${{seed}}.json"
+              preconditions:
+                - type: checkpoint_exists
+                  path: checkpoints/teacher_N${{N}}.pt
+        """, job=SIM_JOB)
+    run = submit(m)
+    final = wait_finished(ledger_db, run)
+    assert final.counts()["completed"] == 6
+    evs = events(ledger_db, run)
+    teacher_end = max(e.data["ended_at"] for e in evs if e.kind == "exited" and e.job.startswith("teacher"))
+    student_start = min(e.ts for e in evs if e.kind == "launch_requested" and e.job.startswith("student"))
+    assert student_start >= teacher_end
+
+    m2 = write_manifest(tmp_path, open(m).read().replace(
+        "--out checkpoints/teacher_N${N}.pt", "--out checkpoints/teacher_N${N}.pt --exit 1"), name="bad.yaml")
+    run2 = submit(m2)
+    final2 = wait_finished(ledger_db, run2)
+    c = final2.counts()
+    assert c["stuck"] == 2 and c["blocked"] == 4
+    assert not [e for e in events(ledger_db, run2, ["launch_requested"]) if e.job.startswith("student")]
+    reason = final2.jobs["student_N384_s42"].reason
+    assert "train_teachers" in reason and "stuck" in reason
+
+
+def test_repeated_kill_9_of_the_scheduler_completes_every_job_exactly_once(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: chaos
+        cwd: {cwd}
+        gpu_provider: "sim:4x80G,lag=0.2"
+        grid: {{i: [1, 2, 3, 4, 5, 6, 7, 8]}}
+        template:
+          id: "j${{i}}"
+          cmd: "echo started >> starts/j${{i}}; {job} --mem 20000 --seconds 1.5 --out out/j${{i}}.json"
+          output_check: out/j${{i}}.json
+        """, job=SIM_JOB)
+    (tmp_path / "work" / "starts").mkdir(parents=True)
+    run = submit(m)
+    rng = random.Random(7)
+    kills = 0
+    while kills < 6 and not state(ledger_db).runs[run].finished:
+        time.sleep(rng.uniform(0.2, 0.9))
+        if kill_scheduler(ledger_db):
+            kills += 1
+        submit(m)   # same plan: same run; restarts the scheduler
+    final = wait_finished(ledger_db, run)
+    assert kills >= 3
+    assert final.counts()["completed"] == 8
+    for i in range(1, 9):
+        starts = (tmp_path / "work" / "starts" / ("j%d" % i)).read_text().splitlines()
+        assert len(starts) == 1, "j%d started %d times" % (i, len(starts))
+    evs = events(ledger_db)
+    assert [e.seq for e in evs] == list(range(1, len(evs) + 1))
+    assert_no_gpu_shared(evs)
+
+
+def test_cancel_kills_the_session_and_retry_runs_it_again(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: cancel
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        jobs:
+          - id: long
+            cmd: "if [ ${{ATTEMPT}} = 1 ]; then sleep 300; fi; echo done > out.txt"
+            output_check: out.txt
+        """)
+    run = submit(m)
+    launched = wait_event(ledger_db, run, "launched", "long")[0]
+    pid = launched.data["pid"]
+    assert os.path.exists("/proc/%d" % pid)
+    ledger("cancel", "long")
+    wait_for(lambda: not os.path.exists("/proc/%d" % pid) or _is_zombie(pid), timeout=15, what="job killed")
+    st = state(ledger_db)
+    assert st.runs[run].jobs["long"].status.value == "cancelled"
+    cancelled = events(ledger_db, run, ["cancelled"])[0]
+    assert "@" in cancelled.data["actor"]
+    session = launched.data["session"]
+    wait_for(lambda: session not in subprocess.run(["screen", "-ls"], capture_output=True, text=True).stdout,
+             timeout=15, what="screen gone")
+    wait_finished(ledger_db, run)
+    ledger("retry", "long", "--run", run)
+    final = wait_finished(ledger_db, run)
+    job = final.jobs["long"]
+    assert job.status.value == "completed" and job.attempt == 2
+    assert "manual_retry" in kinds_of(events(ledger_db, run), "long")
+
+
+def test_stop_leaves_jobs_running_and_the_next_scheduler_adopts_them(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: adopt
+        cwd: {cwd}
+        gpu_provider: "sim:2x80G,lag=0"
+        grid: {{i: [1, 2]}}
+        template:
+          id: "a${{i}}"
+          cmd: "echo started >> starts.txt; {job} --mem 1000 --seconds 3 --out out/a${{i}}.json"
+          output_check: out/a${{i}}.json
+        """, job=SIM_JOB)
+    run = submit(m)
+    evs = wait_event(ledger_db, run, "launched", count=2)
+    pids = [e.data["pid"] for e in evs]
+    out = ledger("stop").stdout
+    assert "stopped" in out and scheduler_pid(ledger_db) is None
+    assert all(os.path.exists("/proc/%d" % p) for p in pids)
+    assert events(ledger_db, None, ["scheduler_stopped"])
+    submit(m)
+    final = wait_finished(ledger_db, run)
+    assert final.counts()["completed"] == 2
+    assert len(events(ledger_db, run, ["adopted"])) == 2
+    assert len((tmp_path / "work" / "starts.txt").read_text().splitlines()) == 2
+
+
+def test_a_second_scheduler_on_the_same_ledger_is_refused(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: lock
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        jobs:
+          - id: s
+            cmd: "sleep 5"
+        """)
+    run = submit(m)
+    wait_event(ledger_db, run, "launched", "s")
+    res = subprocess.run([sys.executable, "-m", "ledger.scheduler", "--db", ledger_db], capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 3 and "already runs" in res.stderr
+    other = write_manifest(tmp_path, """
+        project: other
+        cwd: {cwd}
+        gpu_provider: "sim:8x80G"
+        jobs: [{{id: x, cmd: "true"}}]
+        """, name="other.yaml")
+    res = ledger("submit", other, "--host", "local", check=False)
+    assert res.returncode == 2 and "differs" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_two_gpu_jobs_get_two_gpus_and_see_them(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: multi
+        cwd: {cwd}
+        gpu_provider: "sim:4x80G,lag=0"
+        gpus_per_job: 2
+        grid: {{i: [1, 2, 3]}}
+        template:
+          id: "m${{i}}"
+          cmd: "echo $CUDA_VISIBLE_DEVICES > out/m${{i}}.gpus; echo ${{GPU}} >> out/m${{i}}.gpus; sleep 0.5"
+        """)
+    (tmp_path / "work" / "out").mkdir(parents=True)
+    run = submit(m)
+    final = wait_finished(ledger_db, run)
+    assert final.counts()["completed"] == 3
+    evs = events(ledger_db, run)
+    assert_no_gpu_shared(evs)
+    for e in [e for e in evs if e.kind == "launch_requested"]:
+        assert len(e.data["gpus"]) == 2
+        seen = (tmp_path / "work" / "out" / ("%s.gpus" % e.job)).read_text().split()
+        assert seen[0] == seen[1] == ",".join(str(g) for g in e.data["gpus"])
+
+
+@pytest.mark.parametrize("launcher", ["tmux", "process"])
+def test_other_launchers_run_jobs_too(tmp_path, ledger_db, launcher):
+    m = write_manifest(tmp_path, """
+        project: launch_{launcher}
+        cwd: {cwd}
+        launcher: {launcher}
+        gpu_provider: "sim:2x80G,lag=0"
+        grid: {{i: [1, 2, 3]}}
+        template:
+          id: "l${{i}}"
+          cmd: "echo hello from ${{i}}; exit 0"
+        """, launcher=launcher)
+    run = submit(m)
+    final = wait_finished(ledger_db, run)
+    assert final.counts()["completed"] == 3
+    log = tmp_path / "work" / "experiment_queue" / run / "logs" / "l2.1.log"
+    assert "hello from 2" in log.read_text()
+
+
+def test_pause_stops_launching_and_resume_restarts_it(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: pause
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        grid: {{i: [1, 2]}}
+        template:
+          id: "p${{i}}"
+          cmd: "sleep 1"
+        """)
+    run = submit(m)
+    wait_event(ledger_db, run, "launched", "p1")
+    ledger("pause")
+    wait_event(ledger_db, run, "completed", "p1")
+    time.sleep(1.0)   # a window in which p2 would launch if pause were ignored
+    assert state(ledger_db).runs[run].jobs["p2"].status.value == "pending"
+    ledger("resume")
+    final = wait_finished(ledger_db, run)
+    assert final.counts()["completed"] == 2
+
+
+def test_hooks_run_on_stuck_and_on_complete(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: hooks
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        on_stuck: 'echo "$LEDGER_JOB: $LEDGER_REASON" >> stuck.txt'
+        on_complete: 'echo "$LEDGER_RUN" > complete.txt'
+        jobs:
+          - id: bad
+            cmd: "exit 4"
+        """)
+    run = submit(m)
+    wait_finished(ledger_db, run)
+    wait_for(lambda: len(events(ledger_db, run, ["hook_ran"])) == 2, timeout=20, what="hooks")
+    assert (tmp_path / "work" / "stuck.txt").read_text().startswith("bad: exit code 4")
+    assert (tmp_path / "work" / "complete.txt").read_text().strip() == run
