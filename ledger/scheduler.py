@@ -349,14 +349,14 @@ class Scheduler:
         run = self.state.runs[ev.run]
         plan = run.plan_obj
         spec = plan.job(ev.job)
-        job_env = self.provider.job_env() if hasattr(self.provider, "job_env") else {}
+        prefixes = self.provider.job_path_prefixes() if hasattr(self.provider, "job_path_prefixes") else {}
         req = launchers.LaunchRequest(
             run=ev.run, job=ev.job, attempt=ev.attempt, cmd=spec.cmd,
             cwd=expand_home(plan.cwd, self.config.home), gpus=tuple(ev.data["gpus"]), env=dict(spec.env),
             conda_env=plan.conda, conda_hook=plan.conda_hook, control_dir=ev.data["control"],
-            log_path=ev.data["log"], path_prefix=tuple(job_env.get("path_prefix", ())),
-            pythonpath_prefix=tuple(job_env.get("pythonpath_prefix", ())),
-            extra_env=dict(job_env.get("env", {})))
+            log_path=ev.data["log"], path_prefix=_as_tuple(prefixes.get("PATH")),
+            pythonpath_prefix=_as_tuple(prefixes.get("PYTHONPATH")),
+            extra_env=dict(self.provider.job_env()))
         try:
             files = launchers.write_wrapper(req)
             self._launcher(plan).start(ev.data["session"], files, req.cwd)
@@ -466,6 +466,12 @@ class Scheduler:
             apply(self.state, ev)
         self.halted = None
         self.log("launching resumed: the ledger can be written again")
+
+
+def _as_tuple(value):
+    if not value:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
 def _check_preconditions(spec, root):
