@@ -39,6 +39,11 @@ def counts_line(counts):
     return "  ".join("%s %d" % (k, v) for k, v in counts.items() if v)
 
 
+def progress_counts(run):
+    """What --follow compares to decide whether the progress changed (not the clock)."""
+    return tuple(run[k] for k in ("done", "total", "running", "retrying", "stuck", "blocked", "state"))
+
+
 def progress_line(run):
     return ("%s: %d/%d done, %d running, %d retrying, %d stuck, %d blocked, elapsed %s"
             % (run["run"], run["done"], run["total"], run["running"], run["retrying"], run["stuck"],

@@ -104,17 +104,27 @@ def submit(ctx, manifest, host, gpu_provider, new_run, follow, no_check):
         _follow(backend, out["run"])
 
 
-def _follow(backend, run, interval=1.0):
-    """Show progress until the run finishes; Ctrl-C detaches (the scheduler goes on)."""
-    last = None
+def _follow(backend, run, interval=1.0, heartbeat=60.0):
+    """Show progress until the run finishes; Ctrl-C detaches (the scheduler goes on).
+
+    On a terminal the progress line is redrawn in place; otherwise (a log file, a pipe)
+    a line is printed when the counts change, and once a minute as a heartbeat.
+    """
+    tty = sys.stdout.isatty()
+    last_counts, last_print = None, 0.0
     try:
         while True:
             data = backend.call("status", run=run)
-            line = fmt.progress_line(data["run"])
-            if line != last:
-                click.echo(line)
-                last = line
+            counts = fmt.progress_counts(data["run"])
+            now = time.monotonic()
+            if tty:
+                click.echo("\r\033[K" + fmt.progress_line(data["run"]), nl=False)
+            elif counts != last_counts or now - last_print >= heartbeat:
+                click.echo(fmt.progress_line(data["run"]))
+                last_counts, last_print = counts, now
             if data["run"]["state"] == "finished":
+                if tty:
+                    click.echo("")
                 click.echo(fmt.status_text(data))
                 return data
             time.sleep(interval)
@@ -413,6 +423,7 @@ def demo(ctx, example, new_run):
     """
     from ledger.manifest import example_path
     p = _load(example_path(example))
+    os.makedirs(os.path.expanduser(p.cwd), exist_ok=True)   # the example's working folder
     backend = _backend(ctx, "local")
     out = backend.submit(p, new_run=new_run, gpu_provider=None, check=False)
     click.echo("run %s: %d jobs of %s on %s (simulated GPUs)" % (out["run"], out["jobs"], example, p.gpu_provider))

@@ -8,6 +8,9 @@ import time
 
 from .states import JobStatus
 
+#: More stuck jobs than this with one reason are summarised in one line.
+GROUP_AFTER = 3
+
 
 def iso(ts):
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts)) if ts else "-"
@@ -90,10 +93,22 @@ def render_summary(state, run_id):
 
 
 def _next_steps(run, by):
+    """What a human should do now. Jobs stuck for the same reason are listed together,
+    so a sweep where 40 jobs hit one bug reads as one line, not forty."""
     steps = []
+    groups = {}
     for job in by[JobStatus.STUCK]:
-        steps.append("- `%s` is stuck: %s. Read `ledger logs %s --run %s`, fix it, then `ledger retry %s --run %s`."
-                     % (job.id, _one_line(job.reason), job.id, run.id, job.id, run.id))
+        groups.setdefault(_one_line(job.reason), []).append(job.id)
+    for reason, ids in groups.items():
+        if len(ids) <= GROUP_AFTER:
+            for jid in ids:
+                steps.append("- `%s` is stuck: %s. Read `ledger logs %s --run %s`, fix it, then "
+                             "`ledger retry %s --run %s`." % (jid, reason, jid, run.id, jid, run.id))
+        else:
+            shown = ", ".join("`%s`" % j for j in ids[:GROUP_AFTER])
+            steps.append("- %d jobs are stuck with the same reason: %s (%s and %d more). Read `ledger logs %s "
+                         "--run %s`, fix it, then `ledger retry JOB --run %s` for each."
+                         % (len(ids), reason, shown, len(ids) - GROUP_AFTER, ids[0], run.id, run.id))
     for job in by[JobStatus.BLOCKED]:
         steps.append("- `%s` is blocked: %s." % (job.id, _one_line(job.reason)))
     if by[JobStatus.CANCELLED]:

@@ -193,8 +193,12 @@ def test_teacher_student_phases_and_a_stuck_teacher_blocks_its_students(tmp_path
     student_start = min(e.ts for e in evs if e.kind == "launch_requested" and e.job.startswith("student"))
     assert student_start >= teacher_end
 
-    m2 = write_manifest(tmp_path, open(m).read().replace(
-        "--out checkpoints/teacher_N${N}.pt", "--out checkpoints/teacher_N${N}.pt --exit 1"), name="bad.yaml")
+    # Same phases, but every teacher fails. The checkpoints of the first run are still on
+    # disk, so only the stuck dependency (not a missing precondition) can hold the students.
+    m2 = tmp_path / "bad.yaml"
+    m2.write_text(open(m).read().replace("project: distill", "project: distill_bad").replace(
+        "--out checkpoints/teacher_N${N}.pt", "--out checkpoints/teacher_N${N}.pt --exit 1"))
+    m2 = str(m2)
     run2 = submit(m2)
     final2 = wait_finished(ledger_db, run2)
     c = final2.counts()
