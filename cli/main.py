@@ -322,7 +322,12 @@ def retry(ctx, job, run, host):
 @click.option("--host", help=HOST_HELP)
 @click.pass_context
 def pause(ctx, run, host):
-    """Stop launching new jobs (running jobs go on). Example: ledger pause"""
+    """Stop launching new jobs for RUN (default: every unfinished run); running jobs go on.
+
+    \b
+    Example:
+      ledger pause --host gpu-box-5
+    """
     out = _backend(ctx, host).call("pause", run=run)
     click.echo("paused: %s" % (", ".join(out["runs"]) or "no unfinished runs"))
 
@@ -332,7 +337,12 @@ def pause(ctx, run, host):
 @click.option("--host", help=HOST_HELP)
 @click.pass_context
 def resume(ctx, run, host):
-    """Launch again after `ledger pause`. Example: ledger resume"""
+    """Launch again after `ledger pause`.
+
+    \b
+    Example:
+      ledger resume
+    """
     out = _backend(ctx, host).call("resume", run=run)
     click.echo("resumed: %s" % (", ".join(out["runs"]) or "no unfinished runs"))
 
@@ -435,7 +445,12 @@ def demo(ctx, example, new_run):
 @cli.command()
 @click.argument("name", required=False)
 def example(name):
-    """Print a built-in example manifest (or list them). Example: ledger example sim_sweep"""
+    """Print a built-in example manifest (or list them).
+
+    \b
+    Example:
+      ledger example sim_sweep > sweep.yaml && ledger plan sweep.yaml
+    """
     from ledger.manifest import example_path, list_examples
     if not name:
         click.echo("\n".join(list_examples()))
@@ -446,7 +461,12 @@ def example(name):
 
 @cli.command()
 def states():
-    """Print the job state machine: every allowed (status, event) -> status."""
+    """Print the job state machine: every allowed (status, event) -> status.
+
+    \b
+    Example:
+      ledger states
+    """
     from ledger.states import transition_table
     click.echo(fmt.table(transition_table(), ["from", "event", "to"]))
 

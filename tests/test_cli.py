@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -19,10 +20,24 @@ def recorded(ledger_db):
 
 def test_version_and_help_with_examples():
     from ledger import __version__
+    from ledger.cli.main import cli
     assert ledger("--version").stdout.strip() == "ledger %s" % __version__
-    for cmd in ("plan", "submit", "status", "replay", "history", "summary", "sql", "logs", "cancel", "retry",
-                "check", "pull", "hosts", "stop"):
-        assert "Example" in ledger(cmd, "--help").stdout, cmd
+    assert len(cli.commands) >= 19
+    for cmd in sorted(cli.commands):      # every command, so a new one without an example fails
+        out = ledger(cmd, "--help").stdout
+        assert "Example" in out and "ledger %s" % cmd in out.split("Example", 1)[1], cmd
+
+
+def test_the_sql_examples_in_the_docs_run(recorded):
+    with open(os.path.join(os.path.dirname(DATA), "..", "docs", "events.md")) as f:
+        queries = re.findall(r'^ledger sql "(.+)"$', f.read(), re.M)
+    assert len(queries) == 3
+    results = [json.loads(ledger("sql", "--json", q.replace("s200_N64_n50K", "student_N384_s42")).stdout)
+               for q in queries]
+    assert results[0] == [{"run": RUN, "job": "student_N384_s42", "ooms": 1}]
+    assert {(r["job"], r["attempt"], r["seconds"]) for r in results[1]} == {
+        ("teacher_N384", 1, 598.0), ("student_N384_s42", 2, 678.0)}
+    assert [r["kind"] for r in results[2]][:3] == ["submitted", "launch_requested", "launched"]
 
 
 def test_status_of_one_run_shows_totals_and_jobs(recorded):

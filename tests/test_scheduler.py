@@ -398,3 +398,44 @@ def test_hooks_run_on_stuck_and_on_complete(tmp_path, ledger_db):
     wait_for(lambda: len(events(ledger_db, run, ["hook_ran"])) == 2, timeout=20, what="hooks")
     assert (tmp_path / "work" / "stuck.txt").read_text().startswith("bad: exit code 4")
     assert (tmp_path / "work" / "complete.txt").read_text().strip() == run
+
+
+def test_submit_follow_shows_progress_until_the_end_and_the_scheduler_is_detached(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: follow
+        cwd: {cwd}
+        gpu_provider: "sim:2x80G,lag=0"
+        jobs:
+          - {{id: a, cmd: "sleep 1.5"}}
+          - {{id: b, cmd: "sleep 1.5"}}
+          - {{id: c, cmd: "sleep 0.2"}}
+        """)
+    proc = subprocess.Popen([sys.executable, "-m", "ledger.cli.main", "submit", m, "--host", "local", "--follow"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = wait_for(lambda: scheduler_pid(ledger_db), timeout=30, what="the scheduler to start")
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    session, tty = int(fields[3]), int(fields[4])
+    assert session == pid and tty == 0          # its own session, no terminal: survives the shell
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    progress = [line for line in lines if " done, " in line]
+    assert progress[-1].startswith("follow-") and "3/3 done" in progress[-1]
+    assert len(progress) == len(set(line.split(", elapsed")[0] for line in progress))  # only changes
+    assert any(line.startswith("run follow-") and "(finished)" in line for line in lines)
+    assert sum(1 for line in lines if line.split()[:1] in (["a"], ["b"], ["c"])) == 3   # the jobs table
+
+
+def test_status_watch_follows_a_running_run_to_its_end(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: watch
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        jobs:
+          - {{id: w, cmd: "sleep 1"}}
+        """)
+    run = submit(m)
+    wait_event(ledger_db, run, "launched", "w")
+    out = ledger("status", "--watch", timeout=60).stdout
+    assert "%s: 1/1 done" % run in out and "run %s (finished): completed 1" % run in out
