@@ -332,24 +332,3 @@ def provider_from_spec(spec, ledger_dir):
     except ValueError as error:
         raise LedgerError("gpu_provider %r: %s" % (spec, error))
     return SimProvider(os.path.join(ledger_dir, "sim"), gpu_spec, lag)
-
-
-def free_gpus(snapshot, candidates, threshold_mib, reserved=frozenset(), cooling=frozenset()):
-    """GPUs (in candidate order) a job may take now (pure).
-
-    Free means: the reading is sound and this GPU's memory is known, its use is under the
-    threshold, no job of ours holds it (``reserved``), and no job of ours just left it
-    (``cooling``: memory is freed late, so wait until it has been seen below the threshold).
-    ``candidates=None`` means every GPU in the snapshot.
-    """
-    if snapshot.error is not None:
-        return []
-    if candidates is None:
-        candidates = sorted(snapshot.gpus)
-    return [
-        index for index in candidates
-        if snapshot.readable(index)
-        and snapshot.gpus[index].used_mib < threshold_mib
-        and index not in reserved
-        and index not in cooling
-    ]

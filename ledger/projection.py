@@ -78,7 +78,7 @@ class RunState:
     cancelled: bool = False
     paused: bool = False
     jobs: Dict[str, JobState] = field(default_factory=dict)
-    _plan_obj: Optional[Plan] = None
+    _plan_obj: Optional[Plan] = field(default=None, compare=False, repr=False)  # a cache of plan
 
     @property
     def plan_obj(self):

@@ -15,7 +15,6 @@ from ledger.gpus import (
     NvidiaSmiProvider,
     SimProvider,
     compose_job_env,
-    free_gpus,
     parse_apps_query,
     parse_gpu_query,
     provider_from_spec,
@@ -252,31 +251,3 @@ def test_provider_from_spec_rejects_bad_specs(tmp_path, spec, message):
         provider_from_spec(spec, str(tmp_path))
     assert message in str(caught.value)
     assert not (tmp_path / "sim").exists()
-
-
-# --- free_gpus ------------------------------------------------------------------------------
-
-
-def snapshot_of(*used, error=None):
-    gpus = {}
-    for index, value in enumerate(used):
-        if value is None:
-            gpus[index] = GpuInfo(index, "GPU-%d" % index, None, None, "memory.used reads [N/A]")
-        else:
-            gpus[index] = GpuInfo(index, "GPU-%d" % index, value, 81920, None)
-    return GpuSnapshot(gpus, (), error)
-
-
-def test_free_gpus_needs_readable_memory_under_the_threshold():
-    snapshot = snapshot_of(0, 499, 500, None, 3)
-    assert free_gpus(snapshot, [0, 1, 2, 3, 4, 5], 500, set(), set()) == [0, 1, 4]
-
-
-def test_free_gpus_skips_reserved_and_cooling_gpus_and_keeps_candidate_order():
-    snapshot = snapshot_of(0, 0, 0, 0)
-    assert free_gpus(snapshot, [3, 2, 1, 0], 500, reserved={1}, cooling={2}) == [3, 0]
-    assert free_gpus(snapshot, None, 500, set(), set()) == [0, 1, 2, 3]
-
-
-def test_free_gpus_is_empty_when_the_reading_failed():
-    assert free_gpus(snapshot_of(0, 0, error="nvidia-smi timed out after 10 s"), [0, 1], 500, set(), set()) == []
