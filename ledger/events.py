@@ -44,6 +44,7 @@ KINDS = {
     "launching_resumed": ("the scheduler launches again", "reason"),
     "summary_written": ("summary.md was written by replay", "path"),
     "hook_ran": ("an on_complete/on_stuck hook ran", "hook, exit_code, job"),
+    "sessions_wiped": ("dead sessions of ours (`Dead ???` in `screen -ls`) were wiped", "launcher, sessions"),
 }
 
 #: (kind, payload version) -> function(data) -> data of the next version. Run on read.

@@ -193,6 +193,7 @@ class Scheduler:
         self._poll_hooks()
         self._resume_if_space()
         now = time.time()
+        self._wipe_dead_sessions(now)
         obs = self._observe(now)
         events = decide(self.state, obs, self.config)
         self._adopting = False
@@ -336,14 +337,32 @@ class Scheduler:
             self._hook(ev.run, "on_stuck", ev.job, ev.data.get("reason"))
         elif ev.kind == "run_finished" and own:
             self._finish(ev.run)
+        elif ev.kind == "sessions_wiped" and own:
+            self._launcher_named(ev.data["launcher"]).wipe()
         if ev.kind in ("launch_requested", "exited", "cancelled", "launch_lost", "launched"):
             self._last_change = time.time()
+        if ev.kind == "exited":
+            self._last_wipe = 0.0     # a session just ended: look for a dead one on the next tick
 
     def _launcher(self, plan):
-        name = plan.launcher or "screen"
+        return self._launcher_named(plan.launcher or "screen")
+
+    def _launcher_named(self, name):
         if name not in self._launchers:
             self._launchers[name] = launchers.get_launcher(name)
         return self._launchers[name]
+
+    def _wipe_dead_sessions(self, now):
+        """Now and then, record and wipe our sessions whose server died ("Dead ???" in
+        ``screen -ls``): they hold nothing, but confuse a human reading the list."""
+        if now - self._last_wipe < WIPE_EVERY:
+            return
+        self._last_wipe = now
+        for name, launcher in sorted(self._launchers.items()):
+            dead = launcher.dead_sessions() if hasattr(launcher, "dead_sessions") else ()
+            if dead:
+                self._append([Event(kind="sessions_wiped", run="-",
+                                    data={"launcher": name, "sessions": sorted(dead)})])
 
     def _start(self, ev):
         run = self.state.runs[ev.run]

@@ -439,3 +439,25 @@ def test_status_watch_follows_a_running_run_to_its_end(tmp_path, ledger_db):
     wait_event(ledger_db, run, "launched", "w")
     out = ledger("status", "--watch", timeout=60).stdout
     assert "%s: 1/1 done" % run in out and "run %s (finished): completed 1" % run in out
+
+
+def test_a_screen_killed_hard_is_judged_and_its_dead_socket_wiped(tmp_path, ledger_db):
+    from ledger.launchers import ScreenLauncher
+    m = write_manifest(tmp_path, """
+        project: deadscreen
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        jobs:
+          - {{id: d, cmd: "sleep 60"}}
+        """)
+    run = submit(m)
+    (ev,) = wait_event(ledger_db, run, "launched", "d")
+    session = ev.data["session"]
+    screen = ScreenLauncher()
+    (server,) = [pid for pid, name, _dead in screen.entries() if name == session]
+    os.kill(server, signal.SIGKILL)      # the screen server dies without cleaning its socket
+    (wiped,) = wait_event(ledger_db, "-", "sessions_wiped", timeout=30)
+    assert session in wiped.data["sessions"] and wiped.data["launcher"] == "screen"
+    assert session not in {name for _pid, name, _dead in screen.entries()}
+    final = wait_finished(ledger_db, run)
+    assert final.jobs["d"].status.value == "stuck"       # judged by what its wrapper recorded
