@@ -13,6 +13,7 @@ from typing import Dict, Optional, Tuple
 
 from . import outcomes
 from .events import Event
+from .names import session_name
 from .states import ACTIVE, FINAL, JobStatus
 
 P, B, L, R, W, C, S, X = (
@@ -79,7 +80,6 @@ def expand_home(path, home):
 
 def attempt_paths(run, job, attempt, cwd, config):
     """Where an attempt's log and control files live (pure)."""
-    from .launchers import session_name
     root = expand_home(cwd, config.home)
     return {
         "session": session_name(run, job, attempt),

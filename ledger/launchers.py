@@ -41,7 +41,6 @@ Choices worth knowing
 """
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -54,9 +53,8 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from ledger.errors import LaunchError
+from ledger.names import SESSION_NAME_MAX, SESSION_PREFIX, session_name  # noqa: F401 (re-exported)
 
-SESSION_PREFIX = "ledger."
-SESSION_NAME_MAX = 72
 DEFAULT_KILL_GRACE = 10.0
 KILL_SETTLE = 2.0  # how long kill_group waits for a SIGKILLed group to vanish
 
@@ -71,8 +69,6 @@ CONDA_CANDIDATES = (
     "/opt/miniconda3/bin/conda",
 )
 
-_SAFE_PART = re.compile(r"[A-Za-z0-9_+-]+")
-_UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_+-]")
 _SESSION_OK = re.compile(r"[A-Za-z0-9_.+-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A conda hook with any of these is shell text to eval; otherwise it is a path to conda.
@@ -121,28 +117,6 @@ class AttemptFiles:
 
 
 # --------------------------------------------------------------------------- names
-
-
-def session_name(run, job, attempt):
-    """A screen/tmux-safe session name, unique per (run, job, attempt).
-
-    Plain form ``ledger.<run>.<job>.a<attempt>`` when run and job are made of
-    ``[A-Za-z0-9_+-]`` and it fits; otherwise the parts are sanitised, shortened and
-    a hash of the exact triple is appended as a fifth dotted part, so a hashed name can
-    never equal a plain one.
-    """
-    run, job, attempt = str(run), str(job), int(attempt)
-    plain = "{}{}.{}.a{}".format(SESSION_PREFIX, run, job, attempt)
-    if _SAFE_PART.fullmatch(run) and _SAFE_PART.fullmatch(job) and len(plain) <= SESSION_NAME_MAX:
-        return plain
-    digest = hashlib.sha256("\0".join((run, job, str(attempt))).encode("utf-8", "surrogateescape"))
-    tail = ".a{}.{}".format(attempt, digest.hexdigest()[:12])
-    room = SESSION_NAME_MAX - len(SESSION_PREFIX) - len(tail) - 1
-    safe_run = _UNSAFE_CHAR.sub("_", run) or "_"
-    safe_job = _UNSAFE_CHAR.sub("_", job) or "_"
-    run_room = max(1, min(len(safe_run), room // 2))
-    job_room = max(1, room - min(len(safe_run), run_room))
-    return "{}{}.{}{}".format(SESSION_PREFIX, safe_run[:run_room], safe_job[:job_room], tail)
 
 
 def control_paths(control_dir, job, attempt):
