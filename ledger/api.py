@@ -418,6 +418,8 @@ def stop(db, wait=15.0):
     pid = sched.scheduler_pid(path)
     if pid is None or pid <= 0:
         return {"stopped": False, "reason": "no scheduler is running for %s" % path}
+    with _open(path) as store:     # a manual action: who asked, and when
+        store.append([Event(kind="stop_requested", run="-", data={"actor": actor(), "pid": pid})])
     os.kill(pid, signal.SIGTERM)
     deadline = time.time() + wait
     while time.time() < deadline and sched.scheduler_pid(path) is not None:

@@ -38,6 +38,7 @@ KINDS = {
     "resumed": ("a human allowed launching again", "actor"),
     "scheduler_started": ("a scheduler took the ledger's lock", "pid, version, gpu_provider, host"),
     "scheduler_stopped": ("a scheduler exited cleanly", "pid, reason"),
+    "stop_requested": ("a human asked the scheduler to exit (`ledger stop`); running jobs go on", "actor, pid"),
     "gpu_unreadable": ("a GPU's state could not be read; nothing launches on it", "gpu, reason"),
     "gpu_readable": ("a GPU's state can be read again", "gpu"),
     "launching_halted": ("the scheduler stopped launching", "reason"),

@@ -142,7 +142,8 @@ def check(state, event):
     if event.job is None or event.kind in RUN_EVENTS:
         if event.kind != "run_submitted" and event.run is not None and event.run not in state.runs:
             if event.kind not in ("scheduler_started", "scheduler_stopped", "gpu_unreadable",
-                                  "gpu_readable", "launching_halted", "launching_resumed", "sessions_wiped"):
+                                  "gpu_readable", "launching_halted", "launching_resumed", "sessions_wiped",
+                                  "stop_requested"):
                 raise TransitionError("event %s names unknown run %s" % (event.kind, event.run))
         return
     run = state.runs.get(event.run)

@@ -70,7 +70,7 @@ RUN_EVENTS = frozenset({
     "run_submitted", "run_finished", "run_cancelled", "run_reopened", "paused", "resumed",
     "scheduler_started", "scheduler_stopped", "gpu_unreadable", "gpu_readable",
     "launching_halted", "launching_resumed", "summary_written", "hook_ran",
-    "sessions_wiped",
+    "sessions_wiped", "stop_requested",
 })
 
 

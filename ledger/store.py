@@ -67,6 +67,9 @@ def open_store(path=None, readonly=False, create=True):
         _create_private_file(path)
     current = _schema_version(path, readonly)
     if current != schema.SCHEMA_HEAD:
+        if readonly and current is None:
+            raise NotFoundError("ledger at %s is empty: nothing was recorded in it yet (or it is being "
+                                "created right now)" % path)
         if readonly:
             raise StoreError("ledger at %s has schema %s, this program needs %s: open it once "
                              "without read-only to upgrade it" % (path, current or "none", schema.SCHEMA_HEAD))

@@ -57,8 +57,13 @@ def wait_finished(db, run, timeout=90):
 
 
 def wait_event(db, run, kind, job=None, timeout=60, count=1):
+    from ledger.errors import LedgerError
+
     def seen():
-        evs = [e for e in events(db, run, [kind]) if job is None or e.job == job]
+        try:
+            evs = [e for e in events(db, run, [kind]) if job is None or e.job == job]
+        except LedgerError:      # the ledger is not created (or not migrated) yet
+            return None
         return evs if len(evs) >= count else None
     return wait_for(seen, timeout=timeout, interval=0.1, what="%s of %s" % (kind, job or run))
 

@@ -288,6 +288,8 @@ def test_stop_leaves_jobs_running_and_the_next_scheduler_adopts_them(tmp_path, l
     assert "stopped" in out and scheduler_pid(ledger_db) is None
     assert all(os.path.exists("/proc/%d" % p) for p in pids)
     assert events(ledger_db, None, ["scheduler_stopped"])
+    (asked,) = events(ledger_db, None, ["stop_requested"])
+    assert "@" in asked.data["actor"] and asked.data["pid"] > 0     # who asked, and when (ts)
     submit(m)
     final = wait_finished(ledger_db, run)
     assert final.counts()["completed"] == 2
@@ -461,3 +463,49 @@ def test_a_screen_killed_hard_is_judged_and_its_dead_socket_wiped(tmp_path, ledg
     assert session not in {name for _pid, name, _dead in screen.entries()}
     final = wait_finished(ledger_db, run)
     assert final.jobs["d"].status.value == "stuck"       # judged by what its wrapper recorded
+
+
+def test_a_run_submitted_while_the_scheduler_runs_is_taken_by_it(tmp_path, ledger_db):
+    first = write_manifest(tmp_path, """
+        project: first
+        cwd: {cwd}
+        gpu_provider: "sim:2x80G,lag=0"
+        jobs:
+          - {{id: f1, cmd: "sleep 2"}}
+        """)
+    second = write_manifest(tmp_path, """
+        project: second
+        cwd: {cwd}
+        gpu_provider: "sim:2x80G,lag=0"
+        jobs:
+          - {{id: s1, cmd: "sleep 0.5"}}
+          - {{id: s2, cmd: "sleep 0.5"}}
+        """, name="second.yaml")
+    run1 = submit(first)
+    wait_event(ledger_db, run1, "launched", "f1")
+    pid = scheduler_pid(ledger_db)
+    run2 = submit(second)
+    assert wait_finished(ledger_db, run2).counts()["completed"] == 2
+    assert wait_finished(ledger_db, run1).counts()["completed"] == 1
+    started = events(ledger_db, None, ["scheduler_started"])
+    assert [e.data["pid"] for e in started] == [pid]              # one scheduler took both runs
+    assert_no_gpu_shared(events(ledger_db))
+
+
+def test_ctrl_c_detaches_follow_and_leaves_the_scheduler_running(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: detach
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        jobs:
+          - {{id: long, cmd: "sleep 30"}}
+        """)
+    proc = subprocess.Popen([sys.executable, "-m", "ledger.cli.main", "submit", m, "--host", "local", "--follow"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_event(ledger_db, None, "launched", "long", timeout=30)
+    proc.send_signal(signal.SIGINT)
+    out, _err = proc.communicate(timeout=30)
+    assert "detached; the scheduler goes on" in out
+    assert scheduler_pid(ledger_db) and not events(ledger_db, None, ["scheduler_stopped"])
+    (run,) = state(ledger_db).runs.values()
+    assert run.jobs["long"].status.value == "running"
