@@ -77,6 +77,12 @@ def test_oom_under_foreign_load_retries_and_completes_after_it_leaves(tmp_path, 
     assert second.ts >= unloaded_at
     oom = events(ledger_db, run, ["oom_detected"])[0]
     assert "CUDA out of memory" in oom.data["line"]
+    first = ledger("logs", "big", "--attempt", "1")
+    assert "CUDA out of memory" in first.stdout and "big.1.log (attempt 1)" in first.stderr
+    latest = ledger("logs", "big")
+    assert "big.2.log (attempt 2)" in latest.stderr and "CUDA out of memory" not in latest.stdout
+    audit = ledger("history", "big").stdout.splitlines()
+    assert [line.split()[0] for line in audit[3:]] == ["1", "2"] and " yes " in audit[3]
 
 
 def test_late_memory_release_never_lands_a_wave_on_a_busy_gpu(tmp_path, ledger_db):
@@ -509,3 +515,19 @@ def test_ctrl_c_detaches_follow_and_leaves_the_scheduler_running(tmp_path, ledge
     assert scheduler_pid(ledger_db) and not events(ledger_db, None, ["scheduler_stopped"])
     (run,) = state(ledger_db).runs.values()
     assert run.jobs["long"].status.value == "running"
+
+
+def test_logs_follow_prints_new_lines_until_the_attempt_ends(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: tail
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        jobs:
+          - id: chatty
+            cmd: "for i in 1 2 3 4 5 6; do echo line $i; sleep 0.4; done"
+        """)
+    run = submit(m)
+    wait_event(ledger_db, run, "launched", "chatty")
+    res = ledger("logs", "chatty", "-f", timeout=60)
+    assert [x for x in res.stdout.splitlines() if x.startswith("line")] == ["line %d" % i for i in range(1, 7)]
+    assert state(ledger_db).runs[run].jobs["chatty"].status.value == "completed"
