@@ -19,6 +19,15 @@ def short(text, limit=70):
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def middle(text, limit=90):
+    """Shorten from the middle: a command's distinguishing part (its args) is at the end."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return text[:head] + " … " + text[-(limit - head - 3):]
+
+
 def table(rows, headers):
     return tabulate(rows, headers=headers, tablefmt="simple")
 
@@ -96,7 +105,7 @@ def history_text(h):
 
 
 def plan_table(rows):
-    return table([[r[0], r[1], short(r[2], 90), r[3], r[4] or "-"] for r in rows],
+    return table([[r[0], r[1], middle(r[2], 90), r[3], r[4] or "-"] for r in rows],
                  ["id", "phase", "command", "gpus", "output check"])
 
 
