@@ -38,9 +38,17 @@ def runs_table(runs):
     return table(rows, ["run", "state", "done/total", "running", "retrying", "stuck", "started"])
 
 
+def _job_note(j):
+    """The last error, and for a job waiting to retry, when it will."""
+    if j["status"] == "retry_wait" and j.get("retry_at"):
+        return short("retry at %s: %s" % (time.strftime("%H:%M:%SZ", time.gmtime(j["retry_at"])),
+                                          j["last_error"] or "?"))
+    return short(j["last_error"])
+
+
 def jobs_table(jobs):
     rows = [[j["job"], j["phase"], j["status"], ",".join(str(g) for g in j["gpus"]) or "-", j["attempt"],
-             duration(j["elapsed"]) if j["elapsed"] else "-", short(j["last_error"])] for j in jobs]
+             duration(j["elapsed"]) if j["elapsed"] else "-", _job_note(j)] for j in jobs]
     return table(rows, ["job", "phase", "status", "gpu", "attempt", "elapsed", "last error"])
 
 

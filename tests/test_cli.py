@@ -54,6 +54,8 @@ def test_status_at_a_past_time_shows_the_state_then(recorded):
     data = json.loads(ledger("status", "--json", "--at", "2026-12-03T14:12:00").stdout)
     jobs = {j["job"]: j["status"] for j in data["jobs"]}
     assert jobs == {"teacher_N384": "completed", "student_N384_s42": "retry_wait", "student_N384_s200": "running"}
+    text = ledger("status", "--at", "2026-12-03T14:12:00").stdout
+    assert "as of 2026-12-03 14:11:40Z" in text and "retry at 14:13:40Z: torch.OutOfMemoryError" in text
     by_seq = json.loads(ledger("status", "--json", "--at", "4").stdout)
     assert {j["status"] for j in by_seq["jobs"]} == {"pending"}
 
