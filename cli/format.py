@@ -125,6 +125,9 @@ def check_text(report, host):
     out.append("jobs: %d ready, %d blocked" % (len(report["jobs"]) - len(blocked), len(blocked)))
     for j in blocked:
         out.append("  %s: %s" % (j["job"], "; ".join(j["reasons"])))
+    waiting = [j for j in report["jobs"] if not j["blocked"] and j.get("notes")]
+    for j in waiting:
+        out.append("  %s (ready, waits): %s" % (j["job"], "; ".join(j["notes"])))
     return "\n".join(out)
 
 

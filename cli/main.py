@@ -20,11 +20,21 @@ from . import format as fmt
 HOST_HELP = "GPU host: an ~/.ssh/config alias, or 'local' (default: the manifest's ssh:, else local)."
 
 
+def host_options(f):
+    """--host and --accept-new-host-key for a command that talks to a GPU host."""
+    f = click.option("--accept-new-host-key", is_flag=True,
+                     help="Trust the host's SSH key if it is seen for the first time.")(f)
+    return click.option("--host", help=HOST_HELP)(f)
+
+
 def _backend(ctx, host=None, manifest_ssh=None):
+    """The GPU host this command talks to (one connection, closed when the command ends)."""
     from ledger.remote import backend_for
     opts = ctx.find_root().params
-    return backend_for(host or manifest_ssh, db=opts.get("db"),
-                       accept_new_host_key=opts.get("accept_new_host_key", False))
+    accept = opts.get("accept_new_host_key", False) or ctx.params.get("accept_new_host_key", False)
+    backend = backend_for(host or manifest_ssh, db=opts.get("db"), accept_new_host_key=accept)
+    ctx.call_on_close(backend.close)
+    return backend
 
 
 def _echo_json(data):
@@ -77,13 +87,13 @@ def plan(manifest, out_dir, as_json):
 
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.option("--gpu-provider", help="GPU provider for this host's scheduler, e.g. sim:4x80G (default nvidia-smi).")
 @click.option("--new-run", is_flag=True, help="Start a new run even if this exact plan was submitted before.")
 @click.option("--follow", is_flag=True, help="Stay attached and show progress until the run ends (Ctrl-C detaches).")
 @click.option("--no-check", is_flag=True, help="Skip the preflight check on a remote host.")
 @click.pass_context
-def submit(ctx, manifest, host, gpu_provider, new_run, follow, no_check):
+def submit(ctx, manifest, host, accept_new_host_key, gpu_provider, new_run, follow, no_check):
     """Record MANIFEST as a run on the GPU host and make sure its scheduler runs.
 
     \b
@@ -97,6 +107,9 @@ def submit(ctx, manifest, host, gpu_provider, new_run, follow, no_check):
     click.echo("%s run %s (%d jobs) on %s" % (verb, out["run"], out["jobs"], backend.label))
     if not out["created"]:
         click.echo("  (same plan as before; pass --new-run to run it again)")
+    if out.get("upgraded_from"):
+        click.echo("  the host's scheduler ran the older bundle %s: stopped cleanly and restarted on this "
+                   "version, adopting its running jobs" % out["upgraded_from"])
     hostopt = "" if backend.label == "local" else " --host %s" % backend.label
     click.echo("watch it:  ledger status%s --watch\nevents:    ledger replay%s --since 10m\nsummary:   "
                "ledger summary %s%s" % (hostopt, hostopt, out["run"], hostopt))
@@ -135,12 +148,12 @@ def _follow(backend, run, interval=1.0, heartbeat=60.0):
 
 @cli.command()
 @click.argument("run", required=False)
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--at", "at", help="Show the state as it was then (ISO time, 2h, or an event number).")
 @click.option("--watch", is_flag=True, help="Follow progress until the run ends (Ctrl-C stops watching).")
 @click.pass_context
-def status(ctx, run, host, as_json, at, watch):
+def status(ctx, run, host, accept_new_host_key, as_json, at, watch):
     """Where runs stand: one row per run, or one run's jobs in detail.
 
     \b
@@ -165,10 +178,10 @@ def status(ctx, run, host, as_json, at, watch):
 @click.option("--job", help="Only this job's events.")
 @click.option("--kind", "kinds", multiple=True, help="Only events of this kind (repeatable).")
 @click.option("--run", help="Only this run's events.")
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_context
-def replay(ctx, since, until, job, kinds, run, host, as_json):
+def replay(ctx, since, until, job, kinds, run, host, accept_new_host_key, as_json):
     """The events, in order, as a table or JSON lines.
 
     \b
@@ -186,10 +199,10 @@ def replay(ctx, since, until, job, kinds, run, host, as_json):
 @cli.command()
 @click.argument("job")
 @click.option("--run", help="The run (default: the newest run with this job).")
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def history(ctx, job, run, host, as_json):
+def history(ctx, job, run, host, accept_new_host_key, as_json):
     """The audit of one job: every attempt, its GPU, exit code, OOM, retry delay and log.
 
     \b
@@ -203,9 +216,9 @@ def history(ctx, job, run, host, as_json):
 @cli.command()
 @click.argument("run", required=False)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write summary.md here.")
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.pass_context
-def summary(ctx, run, output, host):
+def summary(ctx, run, output, host, accept_new_host_key):
     """Render a run's summary.md by replaying its events.
 
     \b
@@ -223,10 +236,10 @@ def summary(ctx, run, output, host):
 
 @cli.command()
 @click.argument("query")
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.option("--json", "as_json", is_flag=True, help="Rows as JSON objects.")
 @click.pass_context
-def sql(ctx, query, host, as_json):
+def sql(ctx, query, host, accept_new_host_key, as_json):
     """Run a read-only SQL query on the ledger (views: job_attempts, retry_history, event_log).
 
     \b
@@ -246,9 +259,9 @@ def sql(ctx, query, host, as_json):
 @click.option("--attempt", type=int, help="Which attempt (default: the latest).")
 @click.option("-n", "--lines", type=int, default=100, show_default=True)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines while the attempt runs.")
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.pass_context
-def logs(ctx, job, run, attempt, lines, follow, host):
+def logs(ctx, job, run, attempt, lines, follow, host, accept_new_host_key):
     """Show the tail of a job's log (each attempt has its own).
 
     \b
@@ -288,9 +301,9 @@ def _new_part(old, new):
 @cli.command()
 @click.argument("target")
 @click.option("--run", help="The job's run (default: the newest run with this job).")
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.pass_context
-def cancel(ctx, target, run, host):
+def cancel(ctx, target, run, host, accept_new_host_key):
     """Cancel a JOB (its session is killed) or a whole RUN.
 
     \b
@@ -304,9 +317,9 @@ def cancel(ctx, target, run, host):
 @cli.command()
 @click.argument("job")
 @click.option("--run", help="The job's run (default: the newest run with this job).")
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.pass_context
-def retry(ctx, job, run, host):
+def retry(ctx, job, run, host, accept_new_host_key):
     """Send a stuck, blocked or cancelled JOB back to pending as a new attempt.
 
     \b
@@ -319,9 +332,9 @@ def retry(ctx, job, run, host):
 
 @cli.command()
 @click.argument("run", required=False)
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.pass_context
-def pause(ctx, run, host):
+def pause(ctx, run, host, accept_new_host_key):
     """Stop launching new jobs for RUN (default: every unfinished run); running jobs go on.
 
     \b
@@ -334,9 +347,9 @@ def pause(ctx, run, host):
 
 @cli.command()
 @click.argument("run", required=False)
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.pass_context
-def resume(ctx, run, host):
+def resume(ctx, run, host, accept_new_host_key):
     """Launch again after `ledger pause`.
 
     \b
@@ -348,9 +361,9 @@ def resume(ctx, run, host):
 
 
 @cli.command()
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.pass_context
-def stop(ctx, host):
+def stop(ctx, host, accept_new_host_key):
     """Stop the scheduler cleanly; running jobs go on and are adopted at its next start.
 
     \b
@@ -363,10 +376,10 @@ def stop(ctx, host):
 
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def check(ctx, manifest, host, as_json):
+def check(ctx, manifest, host, accept_new_host_key, as_json):
     """Check every precondition on the GPU host, per job; exit 1 if any job is blocked.
 
     \b
@@ -385,10 +398,10 @@ def check(ctx, manifest, host, as_json):
 
 
 @cli.command()
-@click.option("--host", help=HOST_HELP)
+@host_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to save the snapshot.")
 @click.pass_context
-def pull(ctx, host, output):
+def pull(ctx, host, accept_new_host_key, output):
     """Copy a consistent snapshot of the host's ledger here, for post-mortem SQL.
 
     \b
@@ -403,8 +416,9 @@ def pull(ctx, host, output):
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--accept-new-host-key", is_flag=True, help="Trust a host's SSH key seen for the first time.")
 @click.pass_context
-def hosts(ctx, as_json):
+def hosts(ctx, as_json, accept_new_host_key):
     """List the GPU hosts this laptop has used, each with its scheduler, runs and GPUs.
 
     \b
@@ -413,7 +427,8 @@ def hosts(ctx, as_json):
     """
     from ledger.remote import hosts_report
     rows = hosts_report(db=ctx.find_root().params.get("db"),
-                        accept_new_host_key=ctx.find_root().params.get("accept_new_host_key", False))
+                        accept_new_host_key=accept_new_host_key or ctx.find_root().params.get(
+                            "accept_new_host_key", False))
     if as_json:
         _echo_json(rows)
     else:

@@ -85,37 +85,46 @@ def new_run_id(project, now, existing):
     return run_id
 
 
-def submit(db, plan_dict, host="local", new_run=False, gpu_provider=None, start_scheduler=True):
+def submit(db, plan_dict, host="local", new_run=False, gpu_provider=None, start_scheduler=True,
+           request_id=None):
     """Record a plan as a run (one atomic append) and make sure the host's scheduler runs.
 
-    The same plan again returns the run it already made, unless ``new_run``.
+    The same plan again returns the run it already made, unless ``new_run``; the same
+    ``request_id`` again (a client rerunning after a dropped connection) always returns
+    the run that request made. A scheduler of an older bundle is replaced first.
     """
     plan = Plan.from_dict(plan_dict)
     if gpu_provider:
         plan = Plan.from_dict(dict(plan.to_dict(), gpu_provider=gpu_provider))
     path = db_path(db)
     want = plan.gpu_provider or "nvidia-smi"
+    upgraded = _stop_outdated_scheduler(path) if start_scheduler else None
     with _open(path) as store:
         state = store.state()
         _check_provider(path, state, want)
         phash = plan.content_hash()
+        mine = [r for r in state.runs.values() if request_id and r.request_id == request_id]
         same = [r for r in state.runs.values() if r.plan_hash == phash]
-        if same and not new_run:
-            run = max(same, key=lambda r: r.submitted_at)
-            out = {"run": run.id, "created": False, "finished": run.finished, "jobs": len(run.jobs)}
+        if mine or (same and not new_run):
+            run = mine[0] if mine else max(same, key=lambda r: r.submitted_at)
+            out = {"run": run.id, "created": bool(mine), "finished": run.finished, "jobs": len(run.jobs)}
         else:
             now = time.time()
             run_id = new_run_id(plan.project, now, state.runs)
-            events = [Event(kind="run_submitted", run=run_id, data={
-                "project": plan.project, "plan": plan.to_dict(), "plan_hash": phash, "host": host,
-                "cwd": plan.cwd, "actor": actor()})]
+            data = {"project": plan.project, "plan": plan.to_dict(), "plan_hash": phash, "host": host,
+                    "cwd": plan.cwd, "actor": actor()}
+            if request_id:
+                data["request_id"] = request_id
+            events = [Event(kind="run_submitted", run=run_id, data=data)]
             events += [Event(kind="submitted", run=run_id, job=j.id, attempt=1,
                              data={"phase": j.phase, "cmd": j.cmd, "gpus_per_job": j.gpus_per_job})
                        for j in plan.jobs]
             store.append(events)
             out = {"run": run_id, "created": True, "finished": False, "jobs": len(plan.jobs)}
-    if start_scheduler and not out["finished"]:
+    if start_scheduler and (not out["finished"] or upgraded):
         out["scheduler_pid"] = ensure_scheduler(path, want)
+    if upgraded:
+        out["upgraded_from"] = upgraded
     out["db"] = path
     return out
 
@@ -132,6 +141,41 @@ def _check_provider(path, state, want):
         if not run.finished and other != want:
             raise LedgerError("gpu provider %s differs from unfinished run %s's (%s); one provider per "
                               "ledger" % (want, run.id, other))
+
+
+def _version_tuple(key):
+    version = (key or "").split("-", 1)[0]
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+
+
+def _stop_outdated_scheduler(path, wait=5.0, stop_wait=60.0):
+    """If this ledger's scheduler runs from an older bundle than this program's, stop it
+    cleanly (SIGTERM: it records scheduler_stopped; running jobs go on) so that the
+    caller starts the new one, which adopts them. Returns the old bundle key, or None.
+    A scheduler of a newer release is left alone (another laptop upgraded the host)."""
+    mine = os.environ.get("LEDGER_BUNDLE_KEY")
+    if not mine or not os.path.exists(path):
+        return None
+    deadline = time.time() + wait
+    while True:
+        pid = sched.scheduler_pid(path)
+        if pid is None:
+            return None
+        with _open(path, readonly=True) as store:
+            info = store.state().scheduler
+        if info.get("running") and info.get("pid") == pid:
+            break
+        if time.time() > deadline:
+            return None     # a scheduler that never announced itself: leave it
+        time.sleep(0.05)
+    theirs = info.get("bundle")
+    if theirs == mine or (theirs and _version_tuple(theirs) > _version_tuple(mine)):
+        return None
+    out = stop(path, wait=stop_wait)
+    if not out["stopped"]:
+        raise LedgerError("the scheduler (pid %s) of the older bundle %s did not stop within %.0f s; "
+                          "nothing was submitted" % (pid, theirs or "?", stop_wait))
+    return theirs or "unknown"
 
 
 def ensure_scheduler(path, provider=None, wait=5.0):
@@ -427,8 +471,15 @@ def stop(db, wait=15.0):
     return {"stopped": sched.scheduler_pid(path) is None, "pid": pid}
 
 
-def backup(db, dest):
-    with _open(db, readonly=True) as store:
+def backup(db, dest=None):
+    """A consistent snapshot (SQLite's online backup) at ``dest``, or, without one, at a
+    fresh private name beside the ledger (what `ledger pull` downloads, then removes)."""
+    path = db_path(db)
+    if not os.path.exists(path):
+        raise NotFoundError("no ledger at %s (nothing submitted on this host yet)" % path)
+    if dest is None:
+        dest = os.path.join(os.path.dirname(path), "pull-%d-%s.db" % (os.getpid(), os.urandom(4).hex()))
+    with _open(path, readonly=True) as store:
         store.backup(dest)
     return {"path": dest, "size": os.path.getsize(dest)}
 

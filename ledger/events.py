@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 
 #: kind -> (one-line meaning, payload keys). Job-level unless listed in states.RUN_EVENTS.
 KINDS = {
-    "run_submitted": ("a plan was recorded as a new run", "project, plan, plan_hash, host, cwd, actor"),
+    "run_submitted": ("a plan was recorded as a new run", "project, plan, plan_hash, host, cwd, actor, request_id"),
     "submitted": ("a job of the run was recorded", "phase, cmd, gpus_per_job"),
     "blocked": ("a precondition or dependency does not hold", "reason"),
     "unblocked": ("what blocked the job holds now", "reason"),
@@ -36,7 +36,7 @@ KINDS = {
     "run_reopened": ("a human retried a job of a finished run; the run is active again", "actor, job"),
     "paused": ("a human stopped launching for the run", "actor"),
     "resumed": ("a human allowed launching again", "actor"),
-    "scheduler_started": ("a scheduler took the ledger's lock", "pid, version, gpu_provider, host"),
+    "scheduler_started": ("a scheduler took the ledger's lock", "pid, version, bundle, gpu_provider, host"),
     "scheduler_stopped": ("a scheduler exited cleanly", "pid, reason"),
     "stop_requested": ("a human asked the scheduler to exit (`ledger stop`); running jobs go on", "actor, pid"),
     "gpu_unreadable": ("a GPU's state could not be read; nothing launches on it", "gpu, reason"),

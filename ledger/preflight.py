@@ -68,20 +68,43 @@ def _gpu_check(plan, provider):
     return ("GPUs free for max_parallel=%d" % need, len(free) >= need and not missing, detail)
 
 
+def _upstream_phases(plan):
+    """phase -> every phase it waits for, directly or through others."""
+    direct = {p.name: set(p.depends_on) for p in plan.phases}
+    out = {}
+    for name in direct:
+        seen, todo = set(), list(direct[name])
+        while todo:
+            dep = todo.pop()
+            if dep not in seen:
+                seen.add(dep)
+                todo.extend(direct.get(dep, ()))
+        out[name] = seen
+    return out
+
+
 def job_checks(plan):
-    """job id -> list of reasons it is blocked now (empty: ready)."""
+    """job id -> (reasons it is blocked now, notes). A checkpoint missing for a job whose
+    phase waits for earlier phases is a note (those phases may write it), not a block."""
     home = os.path.expanduser("~")
     cwd = expand_home(plan.cwd, home)
+    upstream = _upstream_phases(plan)
     out = {}
     for job in plan.jobs:
-        reasons = []
+        reasons, notes = [], []
         for pre in job.preconditions:
             if pre.get("type") == "checkpoint_exists":
                 path = os.path.join(cwd, pre["path"])
                 found = glob.glob(path) if any(c in path for c in "*?[") else os.path.exists(path)
-                if not found:
+                if found:
+                    continue
+                before = sorted(upstream.get(job.phase, ()))
+                if before:
+                    notes.append("checkpoint_exists: %s not there yet (phase %s runs first)"
+                                 % (pre["path"], ", ".join(before)))
+                else:
                     reasons.append("checkpoint_exists: %s not found" % pre["path"])
-        out[job.id] = reasons
+        out[job.id] = (reasons, notes)
     return out
 
 
@@ -90,8 +113,8 @@ def check(plan, provider=None):
     hosts = [{"check": n, "ok": ok, "detail": d} for n, ok, d in host_checks(plan, provider)]
     host_problems = [h["check"] for h in hosts if not h["ok"] and not h["check"].startswith("GPUs free")]
     jobs = []
-    for job_id, reasons in job_checks(plan).items():
-        jobs.append({"job": job_id, "blocked": bool(reasons or host_problems),
-                     "reasons": reasons + ["host: %s failed" % p for p in host_problems]})
+    for job_id, (reasons, notes) in job_checks(plan).items():
+        reasons = reasons + ["host: %s failed" % p for p in host_problems]
+        jobs.append({"job": job_id, "blocked": bool(reasons), "reasons": reasons, "notes": notes})
     gpu_ok = all(h["ok"] for h in hosts if h["check"].startswith("GPUs"))
     return {"host": hosts, "jobs": jobs, "ok": not any(j["blocked"] for j in jobs) and gpu_ok}

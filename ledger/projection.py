@@ -74,6 +74,7 @@ class RunState:
     plan_hash: str
     submitted_at: float
     host: Optional[str] = None
+    request_id: Optional[str] = None
     finished_at: Optional[float] = None
     cancelled: bool = False
     paused: bool = False
@@ -312,7 +313,8 @@ _JOB_HANDLERS = {
 def _run_submitted(state, e):
     d = e.data
     state.runs[e.run] = RunState(id=e.run, project=d.get("project", ""), plan=d.get("plan", {}),
-                                 plan_hash=d.get("plan_hash", ""), submitted_at=e.ts, host=d.get("host"))
+                                 plan_hash=d.get("plan_hash", ""), submitted_at=e.ts, host=d.get("host"),
+                                 request_id=d.get("request_id"))
 
 
 def _run_finished(state, e):

@@ -3,18 +3,26 @@
 ``backend_for(host)`` returns an object with one face for both cases:
 ``call(name, **kwargs)`` runs ``ledger.api.<name>`` on the host and returns its
 JSON-able answer; ``submit``, ``check`` and ``pull`` add what needs more than one
-call. Remote calls run the host-side agent from the uploaded bundle and cost one
-SSH command each over one connection per CLI invocation.
+call. A remote call is one SSH command running the host-side agent from this
+program's bundle (installed on first need); one ``RemoteBackend`` keeps one
+connection for the whole CLI command.
 """
 
 import json
 import os
+import secrets
 import time
 
 from . import api
 from .errors import LedgerError, NotFoundError
 
 LOCAL_NAMES = (None, "", "local", "localhost")
+
+#: agent commands that may run twice without harm: a dropped connection reconnects
+#: and reruns them. ``submit`` is idempotent through its request id.
+RERUN_SAFE = ("status", "replay", "history", "summary", "sql", "logs", "check", "host_info",
+              "scheduler_info", "pause", "resume", "stop", "submit")
+AGENT_TIMEOUT = 120.0
 
 
 def backend_for(host=None, db=None, accept_new_host_key=False):
@@ -41,7 +49,10 @@ class LocalBackend:
         return api.check(self.db, plan.to_dict())
 
     def pull(self, dest):
-        return api.backup(self.db, dest)
+        return api.backup(self.db, os.path.abspath(dest))
+
+    def close(self):
+        pass
 
 
 class RemoteBackend:
@@ -52,54 +63,62 @@ class RemoteBackend:
         self.label = host
         self.db = db
         self.transport = open_transport(host, accept_new_host_key=accept_new_host_key)
-        self._python = None
-        record_host(host)
+        self.installed = None
+        record_host(host, db)
 
-    def _agent_argv(self, name):
-        from .bundle import remote_entry
-        argv = ["python3", remote_entry(self.transport), "agent", name]
-        if self.db:
-            argv += ["--db", self.db]
-        return argv
+    def close(self):
+        self.transport.close()
 
-    def call(self, name, retry_safe=True, **kwargs):
-        from .bundle import ensure_bundle_for_read
-        ensure_bundle_for_read(self.transport)
-        res = self.transport.run(self._agent_argv(name), input=json.dumps(kwargs).encode(),
-                                 timeout=120, retry_safe=retry_safe and name not in ("cancel", "retry"))
+    def call(self, name, **kwargs):
+        from .bundle import agent_command, install_bundle, is_missing_bundle
+        command = agent_command(name, self.db)
+        data = json.dumps(kwargs).encode()
+        rerun = name in RERUN_SAFE
+        res = self.transport.run(command, input=data, timeout=AGENT_TIMEOUT, retry_safe=rerun)
+        if is_missing_bundle(res) and self.installed is None:
+            self.installed = install_bundle(self.transport)
+            res = self.transport.run(command, input=data, timeout=AGENT_TIMEOUT, retry_safe=rerun)
         return _decode_agent(self.label, name, res)
 
     def submit(self, plan, new_run=False, gpu_provider=None, check=True):
-        from .bundle import ensure_bundle
-        ensure_bundle(self.transport)
+        if gpu_provider:
+            from .plan import Plan
+            plan = Plan.from_dict(dict(plan.to_dict(), gpu_provider=gpu_provider))
         if check:
-            report = self.check(plan, bundle_ready=True)
-            if not report["ok"]:
-                bad = [j for j in report["jobs"] if j["blocked"]]
-                host_bad = [h for h in report["host"] if not h["ok"] and not h["check"].startswith("GPUs")]
-                lines = ["%s: %s failed: %s" % (self.label, h["check"], h["detail"]) for h in host_bad]
-                lines += ["%s: job %s blocked: %s" % (self.label, j["job"], "; ".join(j["reasons"])) for j in bad[:20]]
-                if lines:
-                    raise LedgerError("preflight check failed on %s" % self.label, problems=lines +
-                                      ["run `ledger check` for the full report, or submit with --no-check"])
-        return self.call("submit", retry_safe=True, plan_dict=plan.to_dict(), host=self.label,
-                         new_run=new_run, gpu_provider=gpu_provider)
+            report = self.check(plan)
+            problems = blocking_problems(report, self.label)
+            if problems:
+                raise LedgerError("preflight check failed on %s" % self.label, problems=problems + [
+                    "run `ledger check --host %s` for the full report, or submit with --no-check" % self.label])
+        # the request id makes a rerun after a dropped connection return the same run
+        return self.call("submit", plan_dict=plan.to_dict(), host=self.label, new_run=new_run,
+                         gpu_provider=gpu_provider, request_id=secrets.token_hex(8))
 
-    def check(self, plan, bundle_ready=False):
-        if not bundle_ready:
-            from .bundle import ensure_bundle
-            ensure_bundle(self.transport)
+    def check(self, plan):
         return self.call("check", plan_dict=plan.to_dict())
 
     def pull(self, dest):
-        tmp = "/tmp/ledger-pull-%d-%d.db" % (os.getpid(), int(time.time() * 1000))
-        out = self.call("backup", dest=tmp)
+        snap = self.call("backup", dest=None)
         try:
-            self.transport.get_file(out["path"], dest)
-            os.chmod(dest, 0o600)
+            self.transport.get_file(snap["path"], dest)
         finally:
-            self.transport.run(["rm", "-f", tmp])
-        return {"path": dest}
+            self.transport.run(["rm", "-f", "--", snap["path"]], retry_safe=True)
+        os.chmod(dest, 0o600)
+        return {"path": dest, "size": snap["size"]}
+
+
+def blocking_problems(report, label):
+    """The lines that make `submit` refuse: host checks that failed (GPUs busy right now
+    only means the jobs wait) and jobs that cannot start at all."""
+    lines = ["%s: %s failed: %s" % (label, h["check"], h["detail"]) for h in report["host"]
+             if not h["ok"] and not h["check"].startswith("GPUs free")]
+    if lines:
+        return lines
+    bad = [j for j in report["jobs"] if j["blocked"]]
+    lines = ["%s: job %s blocked: %s" % (label, j["job"], "; ".join(j["reasons"])) for j in bad[:20]]
+    if len(bad) > 20:
+        lines.append("%s: ... and %d more blocked jobs" % (label, len(bad) - 20))
+    return lines
 
 
 def _decode_agent(host, name, res):
@@ -109,13 +128,14 @@ def _decode_agent(host, name, res):
         reply = json.loads(text.splitlines()[-1]) if text else None
     except ValueError:
         reply = None
-    if reply is None:
+    if not isinstance(reply, dict):
         raise LedgerError("%s: the ledger agent gave no answer to %s (exit %s): %s"
                           % (host, name, res.returncode, (err.splitlines() or ["no output"])[-1]))
     if reply.get("ok"):
         return reply["result"]
     err_cls = NotFoundError if reply.get("type") == "NotFoundError" else LedgerError
-    exc = err_cls("%s: %s" % (host, reply.get("error")), problems=["%s: %s" % (host, p) for p in reply.get("problems", [])])
+    problems = ["%s: %s" % (host, p) for p in reply.get("problems") or []]
+    exc = err_cls("%s: %s" % (host, reply.get("error")), problems=problems)
     exc.exit_code = reply.get("exit_code", 2)
     raise exc
 
@@ -126,36 +146,63 @@ def hosts_file():
     return os.path.join(os.path.expanduser(os.environ.get("LEDGER_HOME", "~/.ledger")), "hosts.json")
 
 
-def record_host(host):
-    path = hosts_file()
-    try:
-        with open(path) as f:
-            seen = json.load(f)
-    except (OSError, ValueError):
-        seen = {}
-    seen[host] = time.time()
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(seen, f)
-    os.replace(tmp, path)
-
-
-def hosts_report(db=None, accept_new_host_key=False):
-    """One row per host seen: scheduler state, runs, a one-line GPU picture."""
+def _read_hosts():
     try:
         with open(hosts_file()) as f:
             seen = json.load(f)
     except (OSError, ValueError):
-        seen = {}
+        return {}
+    out = {}
+    for host, entry in seen.items() if isinstance(seen, dict) else ():
+        if not isinstance(entry, dict):          # older format: host -> last seen
+            entry = {"last_seen": entry, "dbs": [None]}
+        out[host] = entry
+    return out
+
+
+def record_host(host, db=None):
+    """Remember a host (and which ledger on it) for `ledger hosts`; best effort."""
+    seen = _read_hosts()
+    entry = seen.setdefault(host, {"dbs": []})
+    entry["last_seen"] = time.time()
+    if db not in entry["dbs"]:
+        entry["dbs"].append(db)
+    path = hosts_file()
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = "%s.tmp-%d" % (path, os.getpid())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(seen, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def hosts_report(db=None, accept_new_host_key=False):
+    """One row per host (and ledger) seen: scheduler state, runs, a one-line GPU picture.
+    Each host costs one connection; an unreachable one is a row with its error."""
+    rows = [_host_row("local", [db], accept_new_host_key)[0]]
+    for host, entry in sorted(_read_hosts().items()):
+        rows += _host_row(host, entry.get("dbs") or [None], accept_new_host_key)
+    return rows
+
+
+def _host_row(host, dbs, accept_new_host_key):
+    try:
+        backend = backend_for(host, db=dbs[0], accept_new_host_key=accept_new_host_key)
+    except LedgerError as exc:
+        return [{"host": host, "error": str(exc).splitlines()[0]}]
     rows = []
-    for host in ["local"] + sorted(seen):
-        try:
-            backend = backend_for(host, db=db if host == "local" else None, accept_new_host_key=accept_new_host_key)
-            info = backend.call("host_info")
-            info["host"] = host
-        except LedgerError as exc:
-            info = {"host": host, "error": str(exc).splitlines()[0]}
-        rows.append(info)
+    try:
+        for db in dbs:
+            backend.db = db
+            try:
+                info = backend.call("host_info")
+            except LedgerError as exc:
+                info = {"error": str(exc).splitlines()[0]}
+            info["host"] = host if len(dbs) == 1 else "%s:%s" % (host, db or "~/.ledger/ledger.db")
+            rows.append(info)
+    finally:
+        backend.close()
     return rows

@@ -96,6 +96,9 @@ def scheduler_pid(db_path):
         os.close(fd)
 
 
+JOB_PYTHONPATH = "LEDGER_JOB_PYTHONPATH"
+
+
 def spawn_detached(db_path, gpu_provider=None):
     """Start a scheduler that outlives this process and its terminal (setsid, no tty)."""
     log = os.open(scheduler_log_path(db_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -103,8 +106,13 @@ def spawn_detached(db_path, gpu_provider=None):
     if gpu_provider:
         argv += ["--gpu-provider", gpu_provider]
     env = dict(os.environ)
+    # The scheduler imports ledger (and, from a bundle, its vendored packages) from where
+    # this process does; the jobs it launches get the user's own PYTHONPATH back (main()).
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH", "")] if p)
+    ours = [root] + [p for p in [os.path.join(root, "vendor")] if os.path.isdir(p)]
+    user = env.get(JOB_PYTHONPATH, env.get("PYTHONPATH", ""))
+    env[JOB_PYTHONPATH] = user
+    env["PYTHONPATH"] = os.pathsep.join(ours + [p for p in user.split(os.pathsep) if p])
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
                                 start_new_session=True, close_fds=True, env=env)
@@ -146,7 +154,8 @@ class Scheduler:
         self.state = self.store.state()
         self._install_signals()
         self._append([Event(kind="scheduler_started", run="-", data={
-            "pid": os.getpid(), "version": __version__, "gpu_provider": self.provider_spec,
+            "pid": os.getpid(), "version": __version__, "bundle": os.environ.get("LEDGER_BUNDLE_KEY"),
+            "gpu_provider": self.provider_spec,
             "host": socket.gethostname()})])
         self._reconcile_cancelled()
         while self.stop_reason is None:
@@ -513,6 +522,7 @@ def main(argv=None):
     parser.add_argument("--gpu-provider", default=None)
     parser.add_argument("--tick", type=float, default=TICK)
     args = parser.parse_args(argv)
+    _restore_job_pythonpath(os.environ)
     try:
         lock = Lock(lock_path(args.db)).acquire()
     except SchedulerRunning as exc:
@@ -530,6 +540,17 @@ def main(argv=None):
         return exc.exit_code
     finally:
         lock.release()
+
+
+def _restore_job_pythonpath(environ):
+    """Jobs (which inherit this environment) must not import ledger's own copies."""
+    if JOB_PYTHONPATH not in environ:
+        return
+    user = environ.pop(JOB_PYTHONPATH)
+    if user:
+        environ["PYTHONPATH"] = user
+    else:
+        environ.pop("PYTHONPATH", None)
 
 
 def _provider_of_unfinished_runs(store):

@@ -5,7 +5,8 @@ Its ``activate ENV`` succeeds for every ENV that is a folder under ``envs_dir`` 
 exports CONDA_DEFAULT_ENV / CONDA_PREFIX) and otherwise fails with conda's
 ``EnvironmentNameNotFound`` message. Built with ``hook_works=False`` the hook defines no
 function, so ``conda activate`` reaches the binary, which answers like conda >= 23 does
-in an uninitialised shell: ``Run 'conda init' before 'conda activate'``.
+in an uninitialised shell: ``Run 'conda init' before 'conda activate'``. ``conda env list``
+(and ``conda info --envs``) lists the environments in conda's own format.
 """
 
 import os
@@ -43,6 +44,14 @@ HOOK
     else
         printf 'export PATH=%q:"$PATH"\n' "$(dirname "$self")"
     fi
+    ;;
+"env list"|"info --envs")
+    # what conda >= 4.6 prints: a comment header, then "name [*] path" per env
+    printf '# conda environments:\n#\n'
+    printf '%-24s %s\n' base "$(dirname "$(dirname "$self")")"
+    for d in "$envs_dir"/*/; do
+        [ -d "$d" ] && printf '%-24s %s\n' "$(basename "$d")" "${d%/}"
+    done
     ;;
 activate*)
     printf '\nCondaError: Run '"'"'conda init'"'"' before '"'"'conda activate'"'"'\n\n' >&2
