@@ -104,7 +104,7 @@ def submit(ctx, manifest, host, accept_new_host_key, gpu_provider, new_run, foll
     backend = _backend(ctx, host, p.ssh)
     out = backend.submit(p, new_run=new_run, gpu_provider=gpu_provider, check=not no_check)
     verb = "submitted" if out["created"] else "already submitted as"
-    click.echo("%s run %s (%d jobs) on %s" % (verb, out["run"], out["jobs"], backend.label))
+    click.echo("%s run %s (%d jobs) on %s" % (verb, out["run"], out["jobs"], backend.where))
     if not out["created"]:
         click.echo("  (same plan as before; pass --new-run to run it again)")
     if out.get("upgraded_from"):
@@ -392,7 +392,7 @@ def check(ctx, manifest, host, accept_new_host_key, as_json):
     if as_json:
         _echo_json(report)
     else:
-        click.echo(fmt.check_text(report, backend.label))
+        click.echo(fmt.check_text(report, backend.where))
     if not report["ok"]:
         sys.exit(1)
 

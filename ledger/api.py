@@ -99,28 +99,40 @@ def submit(db, plan_dict, host="local", new_run=False, gpu_provider=None, start_
     path = db_path(db)
     want = plan.gpu_provider or "nvidia-smi"
     upgraded = _stop_outdated_scheduler(path) if start_scheduler else None
-    with _open(path) as store:
-        state = store.state()
+    phash = plan.content_hash()
+
+    def build(state):
         _check_provider(path, state, want)
-        phash = plan.content_hash()
         mine = [r for r in state.runs.values() if request_id and r.request_id == request_id]
         same = [r for r in state.runs.values() if r.plan_hash == phash]
         if mine or (same and not new_run):
             run = mine[0] if mine else max(same, key=lambda r: r.submitted_at)
-            out = {"run": run.id, "created": bool(mine), "finished": run.finished, "jobs": len(run.jobs)}
-        else:
-            now = time.time()
-            run_id = new_run_id(plan.project, now, state.runs)
-            data = {"project": plan.project, "plan": plan.to_dict(), "plan_hash": phash, "host": host,
-                    "cwd": plan.cwd, "actor": actor()}
-            if request_id:
-                data["request_id"] = request_id
-            events = [Event(kind="run_submitted", run=run_id, data=data)]
-            events += [Event(kind="submitted", run=run_id, job=j.id, attempt=1,
-                             data={"phase": j.phase, "cmd": j.cmd, "gpus_per_job": j.gpus_per_job})
-                       for j in plan.jobs]
-            store.append(events)
-            out = {"run": run_id, "created": True, "finished": False, "jobs": len(plan.jobs)}
+            return [], {"run": run.id, "created": bool(mine), "finished": run.finished, "jobs": len(run.jobs)}
+        run_id = new_run_id(plan.project, time.time(), state.runs)
+        data = {"project": plan.project, "plan": plan.to_dict(), "plan_hash": phash, "host": host,
+                "cwd": plan.cwd, "actor": actor()}
+        if request_id:
+            data["request_id"] = request_id
+        events = [Event(kind="run_submitted", run=run_id, data=data)]
+        events += [Event(kind="submitted", run=run_id, job=j.id, attempt=1,
+                         data={"phase": j.phase, "cmd": j.cmd, "gpus_per_job": j.gpus_per_job})
+                   for j in plan.jobs]
+        return events, {"run": run_id, "created": True, "finished": False, "jobs": len(plan.jobs)}
+
+    # Nothing may be appended between reading the ledger and recording the run, or two
+    # submits of one plan (or one request rerun after a drop) could both record it.
+    for _ in range(200):
+        with _open(path) as store:
+            state = store.state()
+            events, out = build(state)
+            try:
+                if events:
+                    store.append(events, expect_last_seq=state.last_seq)
+                break
+            except ConflictError:
+                time.sleep(0.02)
+    else:
+        raise LedgerError("the ledger at %s kept changing; nothing was submitted, try again" % path)
     if start_scheduler and (not out["finished"] or upgraded):
         out["scheduler_pid"] = ensure_scheduler(path, want)
     if upgraded:

@@ -19,6 +19,7 @@ play an older release on a host).
 """
 
 import hashlib
+import importlib.util
 import io
 import os
 import shlex
@@ -133,9 +134,13 @@ print(final)
 
 
 def _package_dir(name):
-    mod = __import__(name, fromlist=["_"])
-    path = mod.__file__
-    return os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path
+    """Where a package (its folder) or module (its file) lives, without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin:
+        raise LedgerError("cannot build the host bundle: %s is not installed here" % name)
+    if spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return spec.origin
 
 
 def bundle_files():

@@ -34,7 +34,7 @@ def backend_for(host=None, db=None, accept_new_host_key=False):
 class LocalBackend:
     """The GPU host is this machine: call the library directly."""
 
-    label = "local"
+    label = where = "local"
 
     def __init__(self, db=None):
         self.db = db
@@ -63,6 +63,7 @@ class RemoteBackend:
         self.label = host
         self.db = db
         self.transport = open_transport(host, accept_new_host_key=accept_new_host_key)
+        self.where = getattr(self.transport, "label", host)     # "gpu-b (via gpu-a)"
         self.installed = None
         record_host(host, db)
 

@@ -102,13 +102,18 @@ JOB_PYTHONPATH = "LEDGER_JOB_PYTHONPATH"
 def spawn_detached(db_path, gpu_provider=None):
     """Start a scheduler that outlives this process and its terminal (setsid, no tty)."""
     log = os.open(scheduler_log_path(db_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    argv = [sys.executable, "-m", "ledger.scheduler", "--db", db_path]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    entry = os.path.join(root, "run.py")
+    if os.environ.get("LEDGER_BUNDLE_KEY") and os.path.exists(entry):
+        argv = [sys.executable, entry, "scheduler"]      # `ps` shows which bundle runs
+    else:
+        argv = [sys.executable, "-m", "ledger.scheduler"]
+    argv += ["--db", db_path]
     if gpu_provider:
         argv += ["--gpu-provider", gpu_provider]
     env = dict(os.environ)
     # The scheduler imports ledger (and, from a bundle, its vendored packages) from where
     # this process does; the jobs it launches get the user's own PYTHONPATH back (main()).
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ours = [root] + [p for p in [os.path.join(root, "vendor")] if os.path.isdir(p)]
     user = env.get(JOB_PYTHONPATH, env.get("PYTHONPATH", ""))
     env[JOB_PYTHONPATH] = user
@@ -438,8 +443,10 @@ class Scheduler:
         path = os.path.join(root, "experiment_queue", run_id, "summary.md")
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
+            tmp = "%s.tmp-%d" % (path, os.getpid())
+            with open(tmp, "w") as f:          # whole or not at all, for whoever reads it
                 f.write(render_summary(self.state, run_id))
+            os.replace(tmp, path)
             self._append([Event(kind="summary_written", run=run_id, data={"path": path})])
         except OSError as exc:
             self.log("%s: could not write summary.md: %s" % (run_id, exc))

@@ -4,6 +4,7 @@ Same events in, same bytes out: the scheduler writes it when a run ends, and
 ``ledger summary RUN`` renders it again at any time from the ledger.
 """
 
+import re
 import time
 
 from .states import JobStatus
@@ -38,9 +39,31 @@ def job_runtime(job):
     return total
 
 
+_NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+
+
+def _is_number(value):
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) or (isinstance(value, str) and bool(_NUMBER.match(value)))
+
+
 def _table(headers, rows):
-    from tabulate import tabulate
-    return tabulate(rows, headers=headers, tablefmt="github")
+    """A GitHub-flavoured markdown table (as tabulate's "github" format lays it out:
+    numeric columns right-aligned, the rest left, headers padded by two). Written here
+    because the host-side bundle carries no tabulate."""
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    columns = list(zip(*cells)) if cells else [()] * len(headers)
+    numeric = [bool(col) and all(_is_number(v) for v in col if v != "") and any(v != "" for v in col)
+               for col in columns]
+    widths = [max([len(h) + 2] + [len(v) for v in col]) for h, col in zip(headers, columns)]
+
+    def line(values):
+        return "| " + " | ".join(v.rjust(w) if num else v.ljust(w)
+                                 for v, w, num in zip(values, widths, numeric)) + " |"
+    out = [line(list(headers)), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
 
 
 def render_summary(state, run_id):
