@@ -132,6 +132,8 @@ def check_text(report, host):
 
 
 def hosts_text(rows):
+    if not rows:
+        return "no hosts yet: `ledger submit MANIFEST --host ALIAS` records one"
     table_rows = []
     for r in rows:
         if "error" in r:

@@ -96,7 +96,11 @@ class RemoteBackend:
                          gpu_provider=gpu_provider, request_id=secrets.token_hex(8))
 
     def check(self, plan):
-        return self.call("check", plan_dict=plan.to_dict())
+        report = self.call("check", plan_dict=plan.to_dict())
+        route = getattr(self.transport, "route", None)
+        detail = " -> ".join(hop.address for hop in route) if route else self.where
+        report["host"].insert(0, {"check": "host reachable", "ok": True, "detail": detail})
+        return report
 
     def pull(self, dest):
         snap = self.call("backup", dest=None)
@@ -182,8 +186,11 @@ def record_host(host, db=None):
 
 def hosts_report(db=None, accept_new_host_key=False):
     """One row per host (and ledger) seen: scheduler state, runs, a one-line GPU picture.
-    Each host costs one connection; an unreachable one is a row with its error."""
-    rows = [_host_row("local", [db], accept_new_host_key)[0]]
+    Each host costs one connection; an unreachable one is a row with its error. This
+    machine is listed when it has a ledger of its own."""
+    rows = []
+    if os.path.exists(api.db_path(db)):        # this machine counts once it has a ledger
+        rows += _host_row("local", [db], accept_new_host_key)
     for host, entry in sorted(_read_hosts().items()):
         rows += _host_row(host, entry.get("dbs") or [None], accept_new_host_key)
     return rows
