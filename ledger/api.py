@@ -183,7 +183,7 @@ def _stop_outdated_scheduler(path, wait=5.0, stop_wait=60.0):
     theirs = info.get("bundle")
     if theirs == mine or (theirs and _version_tuple(theirs) > _version_tuple(mine)):
         return None
-    out = stop(path, wait=stop_wait)
+    out = stop(path, wait=stop_wait, reason="upgrade from bundle %s to %s" % (theirs or "?", mine))
     if not out["stopped"]:
         raise LedgerError("the scheduler (pid %s) of the older bundle %s did not stop within %.0f s; "
                           "nothing was submitted" % (pid, theirs or "?", stop_wait))
@@ -468,14 +468,17 @@ def resume(db, run=None):
     return _run_event(db, "resumed", run)
 
 
-def stop(db, wait=15.0):
+def stop(db, wait=15.0, reason=None):
     """Ask the scheduler to exit cleanly (SIGTERM); running jobs go on."""
     path = db_path(db)
     pid = sched.scheduler_pid(path)
     if pid is None or pid <= 0:
         return {"stopped": False, "reason": "no scheduler is running for %s" % path}
+    data = {"actor": actor(), "pid": pid}
+    if reason:
+        data["reason"] = reason
     with _open(path) as store:     # a manual action: who asked, and when
-        store.append([Event(kind="stop_requested", run="-", data={"actor": actor(), "pid": pid})])
+        store.append([Event(kind="stop_requested", run="-", data=data)])
     os.kill(pid, signal.SIGTERM)
     deadline = time.time() + wait
     while time.time() < deadline and sched.scheduler_pid(path) is not None:

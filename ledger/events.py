@@ -38,7 +38,7 @@ KINDS = {
     "resumed": ("a human allowed launching again", "actor"),
     "scheduler_started": ("a scheduler took the ledger's lock", "pid, version, bundle, gpu_provider, host"),
     "scheduler_stopped": ("a scheduler exited cleanly", "pid, reason"),
-    "stop_requested": ("a human asked the scheduler to exit (`ledger stop`); running jobs go on", "actor, pid"),
+    "stop_requested": ("a human asked the scheduler to exit (`ledger stop`, or a submit upgrading the host's bundle); running jobs go on", "actor, pid, reason"),
     "gpu_unreadable": ("a GPU's state could not be read; nothing launches on it", "gpu, reason"),
     "gpu_readable": ("a GPU's state can be read again", "gpu"),
     "launching_halted": ("the scheduler stopped launching", "reason"),

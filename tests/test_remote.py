@@ -497,6 +497,9 @@ def test_a_host_on_an_older_bundle_is_upgraded_and_its_running_jobs_adopted(host
                          ("scheduler_started", current_key())]
     stopped = next(e for e in events if e.kind == "scheduler_stopped")
     assert "SIGTERM" in stopped.data["reason"]
+    asked = next(e for e in events if e.kind == "stop_requested")     # who upgraded, and why
+    assert asked.data["reason"] == "upgrade from bundle %s to %s" % (old_key, current_key())
+    assert asked.data["actor"].startswith(host.env.user + "@")
     restart_seq = [e.seq for e in events if e.kind == "scheduler_started"][1]
     for job in ("s0", "s1"):
         mine = [e for e in events if e.run == run_old and e.job == job]
