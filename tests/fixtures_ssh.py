@@ -150,11 +150,16 @@ def ensure_test_user() -> pwd.struct_passwd:
 
 
 def install_authorized_key(account: pwd.struct_passwd, public_key: str) -> None:
-    """Write the test key to the user's authorized_keys with OpenSSH's expected modes."""
+    """Add the test key to the user's authorized_keys with OpenSSH's expected modes.
+
+    Added, not replaced: another test session on this machine (another checkout's suite)
+    may be logged in with its own key at the same time."""
     ssh_dir = Path(account.pw_dir) / ".ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     keys = ssh_dir / "authorized_keys"
-    keys.write_text(public_key + "\n")
+    text = keys.read_text() if keys.exists() else ""
+    with open(keys, "a") as f:
+        f.write(("\n" if text and not text.endswith("\n") else "") + public_key + "\n")
     for path, mode in ((ssh_dir, 0o700), (keys, 0o600)):
         os.chown(path, account.pw_uid, account.pw_gid)
         os.chmod(path, mode)
