@@ -65,6 +65,10 @@ class Host:
         return path, "~/%s/work" % path.relative_to(self.env.home), path / "ledger" / "ledger.db"
 
     def manifest(self, name, text, **fmt):
+        """A manifest on the laptop. Projects get this session's token: run ids (and so
+        screen names) of two test sessions on one machine never meet."""
+        if "project" in fmt:
+            fmt["project"] = "%s_%s" % (fmt["project"], self.scratch.name[-8:])
         path = self.laptop / ("%s.yaml" % name)
         path.write_text(textwrap.dedent(text).format(conda=self.conda, **fmt))
         return path
@@ -180,8 +184,10 @@ def process_running(pid):
 
 
 def scheduler_pid_of(db):
+    """The scheduler's pid once it holds the lock and has written its pid (else None)."""
     from ledger.scheduler import scheduler_pid
-    return scheduler_pid(str(db))
+    pid = scheduler_pid(str(db))
+    return pid if pid is None or pid > 0 else None
 
 
 def fake_version():
