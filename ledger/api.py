@@ -121,18 +121,23 @@ def submit(db, plan_dict, host="local", new_run=False, gpu_provider=None, start_
 
     # Nothing may be appended between reading the ledger and recording the run, or two
     # submits of one plan (or one request rerun after a drop) could both record it.
-    for _ in range(200):
-        with _open(path) as store:
-            state = store.state()
-            events, out = build(state)
-            try:
-                if events:
-                    store.append(events, expect_last_seq=state.last_seq)
-                break
-            except ConflictError:
-                time.sleep(0.02)
-    else:
-        raise LedgerError("the ledger at %s kept changing; nothing was submitted, try again" % path)
+    try:
+        for _ in range(200):
+            with _open(path) as store:
+                state = store.state()
+                events, out = build(state)
+                try:
+                    if events:
+                        store.append(events, expect_last_seq=state.last_seq)
+                    break
+                except ConflictError:
+                    time.sleep(0.02)
+        else:
+            raise LedgerError("the ledger at %s kept changing; nothing was submitted, try again" % path)
+    except BaseException:
+        if upgraded:        # never leave the host without the scheduler this call stopped
+            ensure_scheduler(path)
+        raise
     if start_scheduler and (not out["finished"] or upgraded):
         out["scheduler_pid"] = ensure_scheduler(path, want)
     if upgraded:
