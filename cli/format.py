@@ -58,7 +58,7 @@ def counts_line(counts):
 
 def progress_counts(run):
     """What --follow compares to decide whether the progress changed (not the clock)."""
-    return tuple(run[k] for k in ("done", "total", "running", "retrying", "stuck", "blocked", "state"))
+    return tuple(run[k] for k in ("done", "total", "running", "retrying", "stuck", "blocked"))
 
 
 def progress_line(run):
