@@ -91,7 +91,7 @@ def plan(manifest, out_dir, as_json):
 @click.option("--gpu-provider", help="GPU provider for this host's scheduler, e.g. sim:4x80G (default nvidia-smi).")
 @click.option("--new-run", is_flag=True, help="Start a new run even if this exact plan was submitted before.")
 @click.option("--follow", is_flag=True, help="Stay attached and show progress until the run ends (Ctrl-C detaches).")
-@click.option("--no-check", is_flag=True, help="Skip the preflight check on a remote host.")
+@click.option("--no-check", is_flag=True, help="Skip the preflight check (`ledger check`) that submit runs on the host first.")
 @click.pass_context
 def submit(ctx, manifest, host, accept_new_host_key, gpu_provider, new_run, follow, no_check):
     """Record MANIFEST as a run on the GPU host and make sure its scheduler runs.

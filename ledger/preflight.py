@@ -57,7 +57,9 @@ def conda_env_exists(env, manifest_hook=None):
 def _gpu_check(plan, provider):
     snap = provider.read()
     if snap.error:
-        return ("GPUs readable", False, snap.error)
+        hint = ("; for a dry run without GPUs use the simulator (gpu_provider: sim:4x80G)"
+                if "not found" in snap.error and not plan.gpu_provider else "")
+        return ("GPUs readable", False, snap.error + hint)
     allowed = plan.gpus if plan.gpus is not None else sorted(snap.gpus)
     free = [i for i in allowed if i in snap.gpus and snap.gpus[i].used_mib is not None
             and snap.gpus[i].error is None and snap.gpus[i].used_mib < plan.gpu_free_threshold_mib]

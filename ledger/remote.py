@@ -43,6 +43,9 @@ class LocalBackend:
         return getattr(api, name)(self.db, **kwargs)
 
     def submit(self, plan, new_run=False, gpu_provider=None, check=True):
+        plan = _with_provider(plan, gpu_provider)
+        if check:
+            refuse_if_blocked(self.check(plan), self.label)
         return api.submit(self.db, plan.to_dict(), host="local", new_run=new_run, gpu_provider=gpu_provider)
 
     def check(self, plan):
@@ -82,15 +85,9 @@ class RemoteBackend:
         return _decode_agent(self.label, name, res)
 
     def submit(self, plan, new_run=False, gpu_provider=None, check=True):
-        if gpu_provider:
-            from .plan import Plan
-            plan = Plan.from_dict(dict(plan.to_dict(), gpu_provider=gpu_provider))
+        plan = _with_provider(plan, gpu_provider)
         if check:
-            report = self.check(plan)
-            problems = blocking_problems(report, self.label)
-            if problems:
-                raise LedgerError("preflight check failed on %s" % self.label, problems=problems + [
-                    "run `ledger check --host %s` for the full report, or submit with --no-check" % self.label])
+            refuse_if_blocked(self.check(plan), self.label)
         # the request id makes a rerun after a dropped connection return the same run
         return self.call("submit", plan_dict=plan.to_dict(), host=self.label, new_run=new_run,
                          gpu_provider=gpu_provider, request_id=secrets.token_hex(8))
@@ -110,6 +107,22 @@ class RemoteBackend:
             self.transport.run(["rm", "-f", "--", snap["path"]], retry_safe=True)
         os.chmod(dest, 0o600)
         return {"path": dest, "size": snap["size"]}
+
+
+def _with_provider(plan, gpu_provider):
+    """The plan as the host's scheduler will run it (``--gpu-provider`` overrides the manifest)."""
+    if not gpu_provider:
+        return plan
+    from .plan import Plan
+    return Plan.from_dict(dict(plan.to_dict(), gpu_provider=gpu_provider))
+
+
+def refuse_if_blocked(report, label):
+    """`submit` checks first, on the host the jobs will run on, and refuses a run that cannot start."""
+    problems = blocking_problems(report, label)
+    if problems:
+        raise LedgerError("preflight check failed on %s" % label, problems=problems + [
+            "run `ledger check --host %s` for the full report, or submit with --no-check" % label])
 
 
 def blocking_problems(report, label):

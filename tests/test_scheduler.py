@@ -531,3 +531,18 @@ def test_logs_follow_prints_new_lines_until_the_attempt_ends(tmp_path, ledger_db
     res = ledger("logs", "chatty", "-f", timeout=60)
     assert [x for x in res.stdout.splitlines() if x.startswith("line")] == ["line %d" % i for i in range(1, 7)]
     assert state(ledger_db).runs[run].jobs["chatty"].status.value == "completed"
+
+
+def test_a_local_submit_checks_first_and_refuses_a_run_that_cannot_start(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: refuse
+        cwd: {cwd}/missing
+        jobs:
+          - {{id: r, cmd: "true"}}
+        """)
+    res = ledger("submit", m, "--host", "local", check=False, env=dict(os.environ, PATH="/usr/bin:/bin"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = res.stderr.splitlines()
+    assert "local: cwd exists failed: %s/work/missing" % tmp_path in lines[0]
+    assert "nvidia-smi not found" in res.stderr and "gpu_provider: sim:4x80G" in res.stderr
+    assert not os.path.exists(ledger_db) or not state(ledger_db).runs      # nothing recorded
