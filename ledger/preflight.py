@@ -94,20 +94,28 @@ def job_checks(plan):
     out = {}
     for job in plan.jobs:
         reasons, notes = [], []
-        for pre in job.preconditions:
-            if pre.get("type") == "checkpoint_exists":
-                path = os.path.join(cwd, pre["path"])
-                found = glob.glob(path) if any(c in path for c in "*?[") else os.path.exists(path)
-                if found:
-                    continue
-                before = sorted(upstream.get(job.phase, ()))
-                if before:
-                    notes.append("checkpoint_exists: %s not there yet (phase %s runs first)"
-                                 % (pre["path"], ", ".join(before)))
-                else:
-                    reasons.append("checkpoint_exists: %s not found" % pre["path"])
+        for pre in unmet_preconditions(job, cwd):
+            before = sorted(upstream.get(job.phase, ()))
+            if before:
+                notes.append("checkpoint_exists: %s not there yet (phase %s runs first)"
+                             % (pre["path"], ", ".join(before)))
+            else:
+                reasons.append("checkpoint_exists: %s not found" % pre["path"])
         out[job.id] = (reasons, notes)
     return out
+
+
+def unmet_preconditions(spec, root):
+    """The job's preconditions that do not hold now (``checkpoint_exists``: a path or glob
+    relative to the job's cwd ``root``). The scheduler asks this right before a launch."""
+    unmet = []
+    for pre in spec.preconditions:
+        if pre.get("type") == "checkpoint_exists":
+            path = os.path.join(root, pre["path"])
+            found = glob.glob(path) if any(c in path for c in "*?[") else os.path.exists(path)
+            if not found:
+                unmet.append(pre)
+    return unmet
 
 
 def check(plan, provider=None):

@@ -510,13 +510,9 @@ def _as_tuple(value):
 
 
 def _check_preconditions(spec, root):
-    for pre in spec.preconditions:
-        if pre.get("type") == "checkpoint_exists":
-            path = os.path.join(root, pre["path"])
-            found = glob.glob(path) if any(c in path for c in "*?[") else os.path.exists(path)
-            if not found:
-                return "precondition checkpoint_exists: %s not found" % pre["path"]
-    return None
+    from .preflight import unmet_preconditions
+    unmet = unmet_preconditions(spec, root)
+    return "precondition checkpoint_exists: %s not found" % unmet[0]["path"] if unmet else None
 
 
 def main(argv=None):
