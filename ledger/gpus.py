@@ -98,8 +98,20 @@ def parse_mib(value):
     return None, "unreadable value %r" % one_line(value, 40)
 
 
-def _cells(line):
-    return [c.strip() for c in line.split(",")]
+def _data_rows(text, header, problems):
+    """Yield (line, cells) for each csv row of nvidia-smi output that is not blank, not the
+    header row (first cell ``header``) and not a fatal driver message; fatal messages go to
+    ``problems`` so that the caller reports them instead of parsing them as data."""
+    for raw in (text or "").splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if is_fatal(line):
+            problems.append(one_line(line))
+            continue
+        cells = [c.strip() for c in line.split(",")]
+        if cells[0].lower() != header:
+            yield line, cells
 
 
 def parse_gpu_query(text):
@@ -110,16 +122,7 @@ def parse_gpu_query(text):
     """
     gpus = {}
     problems = []
-    for raw in (text or "").splitlines():
-        line = raw.strip()
-        if not line:
-            continue
-        if is_fatal(line):
-            problems.append(one_line(line))
-            continue
-        cells = _cells(line)
-        if cells[0].lower() == "index":
-            continue
+    for line, cells in _data_rows(text, "index", problems):
         if len(cells) != len(GPU_QUERY) or not cells[0].isdigit() or not _UUID_RE.match(cells[1]):
             problems.append("unexpected line: %s" % one_line(line, 120))
             continue
@@ -146,16 +149,7 @@ def parse_apps_query(text):
     """Parse ``--query-compute-apps=gpu_uuid,pid,used_memory``; returns (apps tuple, problems)."""
     apps = []
     problems = []
-    for raw in (text or "").splitlines():
-        line = raw.strip()
-        if not line:
-            continue
-        if is_fatal(line):
-            problems.append(one_line(line))
-            continue
-        cells = _cells(line)
-        if cells[0].lower() == "gpu_uuid":
-            continue
+    for line, cells in _data_rows(text, "gpu_uuid", problems):
         if len(cells) != len(APPS_QUERY) or not _UUID_RE.match(cells[0]) or not cells[1].isdigit():
             problems.append("unexpected line: %s" % one_line(line, 120))
             continue

@@ -6,15 +6,17 @@ import time
 import pytest
 
 
-def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+def wait_for(predicate, timeout=30.0, interval=0.02, what="condition"):
+    """Poll ``predicate`` until it returns something truthy, and return that; fail the test
+    after ``timeout`` seconds. Tests synchronise on conditions, never on fixed sleeps, so they
+    run as fast as the machine allows and stay robust on a slow CI box."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+            raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
         time.sleep(interval)
 
 

@@ -10,25 +10,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from ledger import sim
+from conftest import wait_for  # noqa: F401  (re-exported for the test modules)
 
 PYTHON = sys.executable
 
 
-def wait_for(predicate, timeout=5.0, interval=0.02, message=None):
-    """Poll ``predicate`` until it returns something truthy (returned) or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(message or "condition not met within %.1f s" % timeout)
-        time.sleep(interval)
 
 
 def kill_group(proc):

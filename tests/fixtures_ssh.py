@@ -19,29 +19,16 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import pytest
+from conftest import wait_for  # noqa: F401  (re-exported for the test modules)
 
 SSHD = "/usr/sbin/sshd"
 TEST_USER = "ledgertest"
 START_DEADLINE = 10.0
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.02):
-    """Poll ``predicate`` until it returns something truthy; fail the test at the deadline.
-
-    Tests synchronise on conditions, never on fixed sleeps, so they are as fast as the
-    machine allows and still robust on a slow CI box.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within {}s: {!r}".format(timeout, predicate))
-        time.sleep(interval)
 
 
 def free_port(address: str) -> int:

@@ -7,23 +7,13 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
 from ledger.events import Event
+from conftest import wait_for  # noqa: F401  (re-exported for the test modules)
 
 
-def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
-    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 def raw(path):

@@ -136,7 +136,7 @@ def test_provider_times_out_a_hanging_binary_and_kills_its_children(tmp_path):
     child = int(pid_file.read_text())
     wait_for(lambda: not os.path.exists("/proc/%d" % child) or
              open("/proc/%d/stat" % child).read().split(") ")[1][0] == "Z", timeout=2,
-             message="the hung binary's child survived")
+             what="the hung binary's child survived")
 
 
 def test_provider_reports_a_missing_binary(tmp_path):

@@ -4,12 +4,10 @@ Screen and tmux run on private socket folders (SCREENDIR, ``tmux -S``) so the te
 never see or wipe a user's own sessions; every test's run id is unique as well.
 """
 
-import json
 import os
 import shutil
 import signal
 import tempfile
-import time
 import uuid
 
 import pytest
@@ -32,20 +30,11 @@ from ledger.launchers import (
     session_name,
     write_wrapper,
 )
+from conftest import wait_for
 
 PWNED = "pwned"
 
 
-def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
-    """Poll ``predicate`` until it returns something truthy (returned); fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 def pgid_of(pid):

@@ -123,7 +123,7 @@ def test_plain_nvidia_smi_prints_a_human_table(machine):
 
 def test_job_memory_is_visible_through_the_shim(machine):
     job = machine.start_job("1", "--mem", 30000, "--seconds", 20, "--ramp", 0.2)
-    wait_for(lambda: machine.used(1) == 30000, message="job memory never showed on GPU 1")
+    wait_for(lambda: machine.used(1) == 30000, what="job memory never showed on GPU 1")
     assert machine.used(0) == 0
     apps = machine.app_pids()
     assert apps[job.pid] == 30000
@@ -222,7 +222,7 @@ def test_hang_after_output_writes_output_then_lingers_holding_memory(machine, tm
     out_path = tmp_path / "out.json"
     job = machine.start_job("0", "--mem", 4000, "--seconds", 0.1, "--ramp", 0.05, "--out", str(out_path),
                             "--hang-after-output")
-    wait_for(lambda: out_path.exists(), message="output never written")
+    wait_for(lambda: out_path.exists(), what="output never written")
     assert json.loads(out_path.read_text())["args"]["hang_after_output"] is True
     wait_for(lambda: job.poll() is None and machine.used_now(0) == 4000, timeout=1)
     time.sleep(0.3)  # it must still be alive a while later: there is no event to poll for "did not exit"
