@@ -73,7 +73,8 @@ def kinds_of(evs, job):
 
 
 def gpu_intervals(evs):
-    """gpu -> [(start, end, job, attempt)] from launch_requested to the attempt's end."""
+    """gpu -> [(reserved at, released at, (run, job, attempt))]: from launch_requested to the
+    attempt's end (its exit time, or the event that ended it)."""
     starts, out = {}, {}
     for e in evs:
         key = (e.run, e.job, e.attempt)
@@ -83,15 +84,16 @@ def gpu_intervals(evs):
             ts, gpus = starts.pop(key)
             end = e.data.get("ended_at", e.ts) if e.kind == "exited" else e.ts
             for g in gpus:
-                out.setdefault(g, []).append((ts, end, e.job, e.attempt))
+                out.setdefault(g, []).append((ts, end, key))
     return out
 
 
 def assert_no_gpu_shared(evs):
+    """Never two attempts on one GPU at once (reservation to release), whatever their runs."""
     for gpu, spans in gpu_intervals(evs).items():
         spans.sort()
-        for (s1, e1, j1, a1), (s2, e2, j2, a2) in zip(spans, spans[1:]):
-            assert s2 >= e1, "GPU %s held by %s#%s and %s#%s at once" % (gpu, j1, a1, j2, a2)
+        for (s1, e1, who1), (s2, e2, who2) in zip(spans, spans[1:]):
+            assert s2 >= e1, "GPU %s held by %s and %s at once" % (gpu, who1, who2)
 
 
 def scheduler_pid(db):

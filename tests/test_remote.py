@@ -28,6 +28,7 @@ import pytest
 from conftest import _stop_scheduler, wait_for
 from fixtures_conda import make_fake_conda
 from fixtures_ssh import free_port, ssh_env  # noqa: F401  (pytest fixture)
+from fixtures_run import assert_no_gpu_shared, gpu_intervals
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(180)]
 
@@ -443,32 +444,15 @@ def test_two_runs_on_one_host_share_its_gpus_without_ever_colliding(host):
     events = read_events(host.pull(db, "shared"))
     assert sum(1 for e in events if e.kind == "completed") == 6
     assert sum(1 for e in events if e.kind == "scheduler_started") == 1    # one scheduler took both
-    spans = gpu_spans(events)
+    spans = gpu_intervals(events)
     assert sorted(spans) == [0, 1]
-    for gpu, held in spans.items():
-        held.sort()
-        for (s1, e1, who1), (s2, e2, who2) in zip(held, held[1:]):
-            assert s2 >= e1, "GPU %s held by %s and %s at once" % (gpu, who1, who2)
+    assert not [e for e in events if e.kind == "launch_requested" and not any(
+        who == (e.run, e.job, e.attempt) for held in spans.values() for _s, _e, who in held)], \
+        "attempts that never ended"
+    assert_no_gpu_shared(events)
     flat = [(s, e, who[0]) for held in spans.values() for s, e, who in held]
     assert any(r1 == runs[0] and r2 == runs[1] and s1 < e2 and s2 < e1
                for s1, e1, r1 in flat for s2, e2, r2 in flat), "the two runs never ran side by side"
-
-
-def gpu_spans(events):
-    """gpu -> [(reserved at, released at, (run, job, attempt))]: from launch_requested to the
-    attempt's end (its exit time, or the event that ended it)."""
-    starts, out = {}, {}
-    for e in events:
-        key = (e.run, e.job, e.attempt)
-        if e.kind == "launch_requested":
-            starts[key] = (e.ts, e.data["gpus"])
-        elif e.kind in ("exited", "cancelled", "launch_lost", "launch_failed") and key in starts:
-            ts, gpus = starts.pop(key)
-            end = e.data.get("ended_at", e.ts) if e.kind == "exited" else e.ts
-            for g in gpus:
-                out.setdefault(g, []).append((ts, end, key))
-    assert not starts, "attempts that never ended: %s" % sorted(starts)
-    return out
 
 
 # ---- upgrade -------------------------------------------------------------------------
