@@ -11,8 +11,12 @@ is already at ``schema.SCHEMA_HEAD`` (one query with the plain sqlite3 module), 
 is never imported. Otherwise the migrations run inside the store's own write lock.
 """
 
+import gc
+import hashlib
+import marshal
 import os
 import sqlite3
+import sys
 import time
 from contextlib import closing
 from urllib.parse import quote
@@ -24,12 +28,17 @@ from sqlalchemy.exc import DBAPIError
 from . import schema
 from .errors import ConflictError, DiskFullError, LedgerError, NotFoundError, ReadOnlyError, StoreError
 from .events import Event, decode_data, encode_data
-from .projection import project
+from .projection import SNAPSHOT_LAYOUT, State, apply, decode_state, encode_state
 
 BUSY_TIMEOUT_MS = 10000
 READ_BATCH = 2000
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+#: The projection snapshot lives beside the ledger: <ledger>.state (a cache: delete it freely).
+SNAPSHOT_SUFFIX = ".state"
+SNAPSHOT_MAGIC = "ledger-projection-snapshot"
+#: A replay that folded at least this many events saves a new snapshot.
+SNAPSHOT_EVERY = 5000
 
 _COLUMNS = "seq, ts, run, job, version, attempt, kind, data"
 _STREAM_VERSION_SQL = ("SELECT version FROM events WHERE run = ? AND COALESCE(job, '') = ? "
@@ -125,6 +134,37 @@ def _refuse_unknown_revision(path, current, cfg):
 
 
 # ---- files and connections ----
+
+_CODE_HASH = []
+
+
+def _projection_code_hash():
+    """sha256 of the modules that define the fold: a snapshot written by other code is ignored."""
+    if not _CODE_HASH:
+        from . import events, plan, projection, states
+        digest = hashlib.sha256()
+        try:
+            for module in (events, plan, projection, states):
+                with open(module.__file__, "rb") as f:
+                    digest.update(f.read())
+        except (OSError, TypeError):       # no source files (frozen): never trust a snapshot
+            digest.update(os.urandom(16))
+        _CODE_HASH.append(digest.hexdigest())
+    return _CODE_HASH[0]
+
+
+class _gc_paused:
+    """Building a big projection allocates hundreds of thousands of objects that all
+    survive: the cyclic GC would rescan them again and again for nothing."""
+
+    def __enter__(self):
+        self.was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        if self.was:
+            gc.enable()
+
 
 def _create_private_file(path):
     """Create missing folders (0700) and the file (0600) before SQLite touches them."""
@@ -344,6 +384,48 @@ class Store:
         conn.execute(schema.events.insert(), rows)
         return stored
 
+    def append_bulk(self, events, batch=20000):
+        """Append many events in ONE transaction (imports, benchmarks); return how many.
+
+        Same numbering as ``append`` (gap-free seq, per-stream versions, ts defaulting to
+        now) and all or nothing, but without optimistic-concurrency checks and with
+        ``executemany`` on the driver connection in batches, so a million events take
+        seconds. ``events`` may be any iterable (a generator is never held in memory).
+        """
+        if self.readonly:
+            raise StoreError("ledger at %s is open read-only: could not record events" % self.path)
+        insert = "INSERT INTO events (%s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)" % _COLUMNS
+        count = 0
+        try:
+            with self._engine.connect() as conn:
+                conn.execution_options(ledger_write=True)
+                with conn.begin():
+                    raw = conn.connection.driver_connection
+                    seq = raw.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+                    versions = {}
+                    now = time.time()
+                    rows = []
+                    for e in events:
+                        stream = _stream(e.run, e.job)
+                        version = versions.get(stream)
+                        if version is None:
+                            row = raw.execute(_STREAM_VERSION_SQL, stream).fetchone()
+                            version = row[0] if row else 0
+                        versions[stream] = version = version + 1
+                        seq += 1
+                        rows.append((seq, e.ts or now, stream[0], e.job, version, e.attempt, e.kind,
+                                     encode_data(e.data)))
+                        if len(rows) >= batch:
+                            raw.executemany(insert, rows)
+                            count += len(rows)
+                            rows = []
+                    if rows:
+                        raw.executemany(insert, rows)
+                        count += len(rows)
+        except (DBAPIError, sqlite3.Error) as exc:
+            raise self._write_error(exc, "bulk")
+        return count
+
     def _write_error(self, exc, what):
         message = _one_line(exc)
         lower = message.lower()
@@ -444,10 +526,132 @@ class Store:
         finally:
             raw.close()
 
-    def state(self, until_seq=None, until_ts=None):
-        """The projection as of ``until_seq`` / ``until_ts`` (everything by default)."""
-        with closing(self.read(until_seq=until_seq)) as events:
-            return project(events, until_seq=until_seq, until_ts=until_ts)
+    def state(self, until_seq=None, until_ts=None, snapshot=True):
+        """The projection as of ``until_seq`` / ``until_ts`` (everything by default).
+
+        The current state (no bound) starts from the snapshot beside the ledger when one
+        is valid and folds only the events after it; a replay that folded many events
+        leaves a new snapshot behind (``snapshot=False``: a plain full replay).
+        """
+        with _gc_paused():
+            if until_seq is not None or until_ts is not None or not snapshot:
+                state = State()
+                self._fold(state, since_seq=0, until_seq=until_seq, until_ts=until_ts)
+                return state
+            state = self._load_snapshot()
+            start = state.last_seq if state is not None else 0
+            if state is None:
+                state = State()
+            folded = self._fold(state, since_seq=start)
+            if folded >= SNAPSHOT_EVERY:
+                self._write_snapshot(state)
+            return state
+
+    def _fold(self, state, since_seq=0, until_seq=None, until_ts=None):
+        """Fold events after ``since_seq`` into ``state`` (lean: raw rows, batched reads);
+        returns how many were folded."""
+        query = "SELECT %s FROM events WHERE seq > ?" % _COLUMNS
+        params = [since_seq]
+        if until_seq is not None:
+            query += " AND seq <= ?"
+            params.append(until_seq)
+        query += " ORDER BY seq"
+        decode = decode_data
+        new = object.__new__
+        setattr_ = object.__setattr__
+        folded = 0
+        raw = self._engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            try:
+                cur.execute(query, params)
+                while True:
+                    rows = cur.fetchmany(READ_BATCH)
+                    if not rows:
+                        return folded
+                    for seq, ts, run, job, version, attempt, kind, data in rows:
+                        if until_ts is not None and ts > until_ts:
+                            return folded
+                        ev = new(Event)
+                        setattr_(ev, "__dict__", {"kind": kind, "run": run, "job": job, "attempt": attempt,
+                                                  "data": decode(kind, data), "ts": ts, "seq": seq,
+                                                  "version": version})
+                        apply(state, ev)
+                        folded += 1
+            finally:
+                cur.close()
+        except sqlite3.Error as exc:
+            raise StoreError("cannot read ledger at %s: %s" % (self.path, _one_line(exc)))
+        finally:
+            raw.close()
+
+    # -- the projection snapshot beside the ledger --
+
+    def snapshot_path(self):
+        return self.path + SNAPSHOT_SUFFIX
+
+    def _snapshot_key(self):
+        """What a snapshot must match to be used: the projection's code, this Python's
+        marshal format, and this ledger file (its creation stamp, host and inode: a copy or a
+        new file at the same path never uses it)."""
+        created = self._query_one("SELECT value FROM meta WHERE key = 'created_at'")
+        host = self._query_one("SELECT value FROM meta WHERE key = 'host'")
+        info = os.stat(self.path)
+        return (SNAPSHOT_MAGIC, _projection_code_hash(), SNAPSHOT_LAYOUT, marshal.version,
+                tuple(sys.version_info[:2]), created[0] if created else None, host[0] if host else None,
+                info.st_dev, info.st_ino)
+
+    def _event_fingerprint(self, seq):
+        row = self._query_one("SELECT seq, ts, run, job, version, kind FROM events WHERE seq = ?", (seq,))
+        return tuple(row) if row else None
+
+    def _load_snapshot(self):
+        """The State saved beside the ledger, or None when there is none or it does not
+        belong to this ledger and this code (wrong key, event at its seq differs, a file
+        somebody else could have written, unreadable)."""
+        path = self.snapshot_path()
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            info = os.fstat(fd)
+            if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+                return None
+            with os.fdopen(fd, "rb") as f:
+                fd = None
+                blob = f.read()
+        except OSError:
+            return None
+        finally:
+            if fd is not None:
+                os.close(fd)
+        try:
+            key, fingerprint, data = marshal.loads(blob)
+            if key != self._snapshot_key() or fingerprint != self._event_fingerprint(fingerprint[0]):
+                return None
+            return decode_state(data)
+        except (ValueError, EOFError, TypeError, IndexError, KeyError):
+            return None
+
+    def _write_snapshot(self, state):
+        """Save ``state`` beside the ledger (0600, atomic rename); best effort."""
+        if not state.last_seq:
+            return
+        fingerprint = self._event_fingerprint(state.last_seq)
+        path = self.snapshot_path()
+        tmp = "%s.tmp-%d" % (path, os.getpid())
+        try:
+            blob = marshal.dumps((self._snapshot_key(), fingerprint, encode_state(state)))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+        except (OSError, ValueError):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     def sql(self, query, params=None):
         """Run one statement on a read-only connection; return (columns, rows).
