@@ -74,6 +74,8 @@ def status_text(data):
     sch = data["scheduler"]
     out.append("scheduler: %s" % ("running (pid %s, gpus %s)" % (sch["pid"], sch.get("gpu_provider"))
                                   if sch["running"] else "not running"))
+    if sch.get("halted"):
+        out.append("launching halted: %s" % sch["halted"])
     if data["kind"] == "runs":
         out.append(runs_table(data["runs"]) if data["runs"] else "no runs in this ledger yet")
         return "\n".join(out)

@@ -291,7 +291,8 @@ def scheduler_info(db, state=None):
     pid = sched.scheduler_pid(path)
     state = state or _state(db)
     return {"running": pid is not None, "pid": pid, "gpu_provider": state.scheduler.get("gpu_provider"),
-            "version": state.scheduler.get("version"), "host": socket.gethostname()}
+            "version": state.scheduler.get("version"), "host": socket.gethostname(),
+            "halted": sched.scheduler_note(path) if pid is not None else None}
 
 
 def replay(db, since=None, until=None, job=None, kinds=None, run=None):

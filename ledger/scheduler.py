@@ -44,7 +44,13 @@ def scheduler_log_path(db_path):
 
 
 class Lock:
-    """The one-scheduler-per-ledger lock: an flock held for the scheduler's life."""
+    """The one-scheduler-per-ledger lock: an flock held for the scheduler's life.
+
+    The file holds the holder's pid on its first line and, while launching is halted
+    because the ledger cannot be written (disk full), a second line saying why: the lock
+    file's block is already allocated, so that note can be written when nothing else can,
+    and ``ledger status`` shows it (:func:`scheduler_note`).
+    """
 
     def __init__(self, path):
         self.path = path
@@ -64,18 +70,49 @@ class Lock:
         self.fd = fd
         return self
 
+    def note(self, text=None):
+        """Say (or, with None, stop saying) why launching is halted. Never raises."""
+        if self.fd is None:
+            return
+        body = str(os.getpid()) + ("\nhalted: %s\n" % " ".join(text.split())[:NOTE_MAX] if text else "")
+        try:
+            os.pwrite(self.fd, body.encode("utf-8", "replace"), 0)
+            os.ftruncate(self.fd, len(body.encode("utf-8", "replace")))
+        except OSError:
+            pass
+
     def release(self):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
 
-def _read_small(fd):
+NOTE_MAX = 1000
+
+
+def _read_small(fd, size=32):
+    """The lock file's first line (the holder's pid); the whole text with a bigger ``size``."""
     try:
         os.lseek(fd, 0, 0)
-        return os.read(fd, 32).decode().strip()
+        text = os.read(fd, size).decode("utf-8", "replace")
     except OSError:
         return ""
+    return text.strip() if size > 32 else (text.splitlines() or [""])[0].strip()
+
+
+def scheduler_note(db_path):
+    """Why the running scheduler halted launching (disk full), or None."""
+    try:
+        fd = os.open(lock_path(db_path), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        for line in _read_small(fd, NOTE_MAX + 100).splitlines()[1:]:
+            if line.startswith("halted: "):
+                return line[len("halted: "):]
+        return None
+    finally:
+        os.close(fd)
 
 
 def scheduler_pid(db_path):
@@ -129,14 +166,15 @@ def spawn_detached(db_path, gpu_provider=None):
 class Scheduler:
     """The loop. ``run()`` returns when every run is finished or a signal asks it to stop."""
 
-    def __init__(self, store, provider, provider_spec, tick=TICK, exit_when_idle=True, log=None):
+    def __init__(self, store, provider, provider_spec, tick=TICK, exit_when_idle=True, log=None, lock=None):
         self.store = store
         self.provider = provider
         self.provider_spec = provider_spec
         self.tick = tick
         self.exit_when_idle = exit_when_idle
-        self.log = log or (lambda msg: print(time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + msg,
-                                             file=sys.stderr, flush=True))
+        self.log = log or _log_line
+        self.lock = lock
+        self._unrecorded = []       # events that could not be recorded while the disk was full
         ledger_dir = os.path.dirname(os.path.abspath(store.path))
         self.config = Config(control_root=os.path.join(ledger_dir, "runs"), home=os.path.expanduser("~"))
         self.state = None
@@ -158,10 +196,15 @@ class Scheduler:
     def run(self):
         self.state = self.store.state()
         self._install_signals()
-        self._append([Event(kind="scheduler_started", run="-", data={
+        started = Event(kind="scheduler_started", run="-", data={
             "pid": os.getpid(), "version": __version__, "bundle": os.environ.get("LEDGER_BUNDLE_KEY"),
             "gpu_provider": self.provider_spec,
-            "host": socket.gethostname()})])
+            "host": socket.gethostname()})
+        try:
+            self._append([started])
+        except DiskFullError as exc:     # started on a full disk: wait for space, launching nothing
+            self._unrecorded.append(started)
+            self._halt(str(exc))
         self._reconcile_cancelled()
         while self.stop_reason is None:
             started = time.monotonic()
@@ -489,6 +532,9 @@ class Scheduler:
         if self.halted is None:
             self.log("launching halted: %s" % reason)
             self.halted = (reason, time.time())
+            if self.lock is not None:
+                self.lock.note("%s; launching nothing until space is freed (since %s)"
+                               % (reason, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
 
     def _resume_if_space(self):
         if self.halted is None:
@@ -496,11 +542,23 @@ class Scheduler:
         reason, since = self.halted
         events = [Event(kind="launching_halted", run="-", data={"reason": reason, "since": since}),
                   Event(kind="launching_resumed", run="-", data={"reason": "the ledger can be written again"})]
-        stored = self.store.append(events)   # DiskFullError propagates: still full
+        stored = self.store.append(self._unrecorded + events)   # DiskFullError propagates: still full
+        self._unrecorded = []
         for ev in stored:
             apply(self.state, ev)
         self.halted = None
+        if self.lock is not None:
+            self.lock.note(None)
         self.log("launching resumed: the ledger can be written again")
+
+
+def _log_line(msg):
+    """The scheduler's own log (stderr, usually scheduler.log beside the ledger). A full disk
+    must not kill the scheduler through its log: a line that cannot be written is dropped."""
+    try:
+        print(time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + msg, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _as_tuple(value):
@@ -529,17 +587,17 @@ def main(argv=None):
     try:
         lock = Lock(lock_path(args.db)).acquire()
     except SchedulerRunning as exc:
-        print("ledger scheduler: %s" % exc, file=sys.stderr)
+        _log_line("ledger scheduler: %s" % exc)
         return 3
     try:
         store = open_store(args.db)
         spec = args.gpu_provider or _provider_of_unfinished_runs(store)
         provider = provider_from_spec(spec, os.path.dirname(os.path.abspath(args.db)))
-        reason = Scheduler(store, provider, spec or "nvidia-smi", tick=args.tick).run()
-        print("ledger scheduler: %s" % reason, file=sys.stderr)
+        reason = Scheduler(store, provider, spec or "nvidia-smi", tick=args.tick, lock=lock).run()
+        _log_line("ledger scheduler: %s" % reason)
         return 0
     except LedgerError as exc:
-        print("ledger scheduler: %s" % exc, file=sys.stderr)
+        _log_line("ledger scheduler: %s" % exc)
         return exc.exit_code
     finally:
         lock.release()

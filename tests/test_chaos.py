@@ -1,0 +1,157 @@
+"""Chaos: the scheduler killed, stopped, starved of disk; torn copies of the ledger.
+
+Real processes, real screen sessions, the GPU simulator, a real SQLite file on a real
+(tiny) filesystem. Each test names the guarantee it proves; docs/reliability.md lists them.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import wait_for
+from fixtures_chaos import kill_storm, read_starts
+from fixtures_run import (assert_no_gpu_shared, events, kill_scheduler, ledger, scheduler_pid, state, submit,
+                          wait_event, wait_finished, write_manifest)
+from fixtures_store import fill_disk, tiny_tmpfs
+
+SIM_JOB = "python3 -m ledger.sim job"
+
+
+def _starts_manifest(tmp_path, project, n, gpus, seconds, mem=10000, extra=""):
+    (tmp_path / "work" / "starts").mkdir(parents=True, exist_ok=True)
+    return write_manifest(tmp_path, """
+        project: {project}
+        cwd: {{cwd}}
+        gpu_provider: "sim:{gpus}x80G,lag=0.1"
+        {extra}
+        grid: {{{{i: [{ids}]}}}}
+        template:
+          id: "j${{{{i}}}}"
+          cmd: "echo start >> starts/j${{{{i}}}}; {job} --mem {mem} --ramp 0.1 --seconds {seconds} --out out/j${{{{i}}}}.json"
+          output_check: out/j${{{{i}}}}.json
+        """.format(project=project, gpus=gpus, extra=extra, ids=", ".join(str(i) for i in range(1, n + 1)),
+                   job=SIM_JOB, mem=mem, seconds=seconds))
+
+
+def _start_counts(tmp_path, n):
+    folder = tmp_path / "work" / "starts"
+    return {"j%d" % i: len((folder / ("j%d" % i)).read_text().splitlines()) if (folder / ("j%d" % i)).exists()
+            else 0 for i in range(1, n + 1)}
+
+
+def _assert_gap_free(db):
+    seqs = [e.seq for e in events(db)]
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+# ---- SIGKILL at random moments -------------------------------------------------
+
+def test_thirty_sigkills_lose_nothing_launch_nothing_twice_and_share_no_gpu(tmp_path, ledger_db):
+    """24 jobs on 3 simulated GPUs; the scheduler SIGKILLed 30 times: at random moments, while
+    a launch is requested but not confirmed, and inside an append's write/sync system call.
+    The larger storm is `scripts/chaos.py`."""
+    result = kill_storm(str(tmp_path / "storm"), kills=30, jobs=24, gpus=3, seconds=2.0, seed=5,
+                        log=lambda _msg: None)
+    assert result["problems"] == []
+    assert result["kills"] == 30
+    assert result["by_mode"]["launching"] >= 5 and result["by_mode"]["append"] >= 5, result
+    assert result["detail"]["launch_before_session"] >= 1, result     # a launch intended, no session yet
+    assert result["completed"] == 24 and result["lost"] == 0 and result["duplicated"] == 0
+    assert result["gpu_shared"] == 0 and result["gap_free"] and result["replay_equal"]
+
+
+# ---- SIGTERM / SIGINT ---------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_stop_cleanly_jobs_go_on_and_the_next_start_adopts_them(tmp_path, ledger_db, sig):
+    m = _starts_manifest(tmp_path, "sig%d" % sig, 2, 2, 4.0, mem=1000)
+    run = submit(m)
+    launched = wait_event(ledger_db, run, "launched", count=2)
+    pids = [e.data["pid"] for e in launched]
+    sched = scheduler_pid(ledger_db)
+    os.kill(sched, sig)
+    wait_for(lambda: scheduler_pid(ledger_db) is None, timeout=15, what="the scheduler to exit")
+    (stopped,) = events(ledger_db, None, ["scheduler_stopped"])
+    assert stopped.data["pid"] == sched and stopped.data["reason"] == (
+        "stopped by %s; running jobs go on" % sig.name)
+    assert all(_running(p) for p in pids)                       # the jobs were not touched
+    assert state(ledger_db).runs[run].counts()["running"] == 2
+    _assert_gap_free(ledger_db)
+    submit(m)                                                   # the next start (same plan, same run)
+    final = wait_finished(ledger_db, run)
+    adopted = events(ledger_db, run, ["adopted"])
+    assert sorted(e.data["pid"] for e in adopted) == sorted(pids)
+    assert final.counts()["completed"] == 2
+    assert _start_counts(tmp_path, 2) == {"j1": 1, "j2": 1}
+    assert not events(ledger_db, run, ["launch_lost"])
+
+
+# ---- the disk fills up ------------------------------------------------------
+
+def test_disk_full_halts_launching_says_why_keeps_the_record_and_carries_on(tmp_path, ledger_db):
+    """The ledger's folder is a 4 MB tmpfs (its scheduler.log and control files too, as on a
+    real full home disk); the jobs' own folder is elsewhere."""
+    with tiny_tmpfs(os.path.dirname(ledger_db), size="4m") as folder:
+        (tmp_path / "gpus").mkdir()
+        os.symlink(str(tmp_path / "gpus"), os.path.join(folder, "sim"))   # real GPUs are not on that disk
+        m = _starts_manifest(tmp_path, "diskfull", 6, 1, 1.0, mem=1000)
+        run = submit(m)
+        wait_event(ledger_db, run, "launched", "j1")
+        pid = scheduler_pid(ledger_db)
+        filler = os.path.join(folder, "filler")
+        fill_disk(filler)
+        # the next append fails; the scheduler halts launching and says why where `status` reads it
+        out = wait_for(lambda: (lambda o: o if "launching halted" in o else None)(ledger("status", run).stdout),
+                       timeout=30, what="status to say launching is halted")
+        assert "ledger disk full at %s" % ledger_db in out and "until space is freed" in out
+        recorded = events(ledger_db)
+        starts = _start_counts(tmp_path, 6)
+        # while full: j1 ends, yet nothing is recorded and nothing launched; the scheduler stays up
+        j1 = events(ledger_db, run, ["launched"])[0].data["pid"]
+        wait_for(lambda: not _running(j1), timeout=30, what="j1 to end")
+        holds_for(4.0, lambda: scheduler_pid(ledger_db) == pid and events(ledger_db) == recorded
+                  and _start_counts(tmp_path, 6) == starts, what="nothing recorded or launched while full")
+        res = ledger("pause", check=False)       # a user's append fails cleanly too
+        assert res.returncode == 1 and "disk full" in res.stderr and "Traceback" not in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+        os.unlink(filler)
+        final = wait_finished(ledger_db, run)
+        assert scheduler_pid(ledger_db) in (None, pid)
+        assert final.counts()["completed"] == 6, _story(ledger_db)
+        assert _start_counts(tmp_path, 6) == {"j%d" % i: 1 for i in range(1, 7)}
+        evs = events(ledger_db)
+        assert evs[:len(recorded)] == recorded                       # nothing recorded was damaged
+        _assert_gap_free(ledger_db)
+        halted = [e for e in evs if e.kind == "launching_halted"]
+        assert len(halted) == 1 and "disk full" in halted[0].data["reason"]
+        assert [e.kind for e in evs].count("launching_resumed") == 1
+        assert "launching halted" not in ledger("status", run).stdout
+        log = open(os.path.join(folder, "scheduler.log")).read()
+        assert "launching resumed" in log
+
+
+def _story(db):
+    """The ledger in one line per event, for assertion messages."""
+    return "\n".join("%d %s %s#%s %s" % (e.seq, e.kind, e.job, e.attempt,
+                                         {k: v for k, v in e.data.items() if k not in ("plan", "log_tail")})
+                     for e in events(db))
+
+
+def _running(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return not f.read().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return False
+
+
+def holds_for(seconds, predicate, what):
+    """A negative guarantee needs a window: ``predicate`` must hold at every look for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert predicate(), "%s: broken" % what
+        time.sleep(0.1)
