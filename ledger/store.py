@@ -288,7 +288,11 @@ def _deny_escapes(action, arg1, arg2, _db, _trigger):
 
 def _one_line(exc):
     orig = getattr(exc, "orig", None) or exc
-    return " ".join(str(orig).split()) or type(orig).__name__
+    message = " ".join(str(orig).split()) or type(orig).__name__
+    if "malformed" in message.lower():
+        message += (" (the file is damaged: a copy of a live ledger taken with cp, or cut short; copy a "
+                    "live ledger with `ledger pull`, or copy the .db and .db-wal files while no scheduler runs)")
+    return message
 
 
 def _kinds_of(events):
