@@ -32,8 +32,11 @@ def actor():
 
 
 def db_path(db=None):
+    """The ledger file this host uses: ``db``, else $LEDGER_DB, else ~/.ledger/ledger.db; moved to
+    a local disk when that folder is on a network filesystem (see ledger/localdisk.py)."""
+    from .localdisk import ledger_path
     from .store import default_db_path
-    return os.path.abspath(os.path.expanduser(db or default_db_path()))
+    return ledger_path(os.path.abspath(os.path.expanduser(db or default_db_path())))
 
 
 def _open(db, readonly=False):

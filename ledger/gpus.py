@@ -325,4 +325,6 @@ def provider_from_spec(spec, ledger_dir):
         parse_spec(gpu_spec)
     except ValueError as error:
         raise LedgerError("gpu_provider %r: %s" % (spec, error))
+    from .localdisk import make_private_dirs
+    make_private_dirs(ledger_dir)       # the simulator may be first to need the ledger's folder
     return SimProvider(os.path.join(ledger_dir, "sim"), gpu_spec, lag)

@@ -32,6 +32,8 @@ GPU_FAST = 0.5           # GPU sampling right after a job left a GPU or launched
 GPU_SLOW = 5.0           # ... when nothing changed for a while
 GPU_HEALTH = 30.0        # ... when nothing waits for a GPU at all
 FAST_WINDOW = 30.0
+GPU_DRAIN = TICK         # ... while a GPU our job just left has not been seen free (late release)
+DRAIN_WINDOW = 15.0
 WIPE_EVERY = 60.0
 
 
@@ -360,6 +362,8 @@ class Scheduler:
             interval = GPU_HEALTH
         else:
             interval = GPU_FAST if now - self._last_change < FAST_WINDOW else GPU_SLOW
+            if interval > GPU_DRAIN and self._draining(now):
+                interval = GPU_DRAIN
         if now - self._gpus_at < interval:
             return
         taken_at = time.time()
@@ -371,6 +375,35 @@ class Scheduler:
                                     error=g.error) for i, g in snap.gpus.items()}
         else:
             self._gpus = {}
+
+    def _draining(self, now):
+        """True while a GPU one of our jobs left less than DRAIN_WINDOW ago has not been seen
+        free since (its memory is released late): work waits for it, so it is read every
+        tick and the next job starts within a tick of the release."""
+        if not self._gpus:
+            return False
+        held, ended, threshold = set(), {}, None
+        for run in self.state.runs.values():
+            if run.finished and now - run.finished_at > DRAIN_WINDOW:
+                continue
+            if not run.finished:
+                t = run.plan_obj.gpu_free_threshold_mib
+                threshold = t if threshold is None else min(threshold, t)
+            for job in run.jobs.values():
+                if job.status in ACTIVE:
+                    held.update(job.gpus)
+                elif job.attempts and job.attempts[-1].ended_at is not None:
+                    a = job.attempts[-1]
+                    if now - a.ended_at < DRAIN_WINDOW:
+                        for g in a.gpus:
+                            ended[g] = max(ended.get(g, 0.0), a.ended_at)
+        for g, left in ended.items():
+            seen = self._gpus.get(g)
+            if g in held or seen is None:
+                continue
+            if self._gpus_at <= left or seen.used_mib is None or (threshold is not None and seen.used_mib >= threshold):
+                return True
+        return False
 
     def _all_gpus_held(self):
         if not self._gpus:
@@ -584,6 +617,12 @@ def main(argv=None):
     parser.add_argument("--tick", type=float, default=TICK)
     args = parser.parse_args(argv)
     _restore_job_pythonpath(os.environ)
+    from .localdisk import ledger_path
+    try:
+        args.db = ledger_path(args.db, note=_log_line)     # never lock or write a ledger on NFS/FUSE
+    except LedgerError as exc:
+        _log_line("ledger scheduler: %s" % exc)
+        return exc.exit_code
     try:
         lock = Lock(lock_path(args.db)).acquire()
     except SchedulerRunning as exc:

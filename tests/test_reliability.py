@@ -1,0 +1,106 @@
+"""Reliability under bad surroundings and bad input: a network filesystem, readers hammering the
+ledger, huge binary logs, hostile manifests and arguments, private files.
+
+Real components: an sshfs mount over the test sshd, real screen sessions, real processes.
+docs/reliability.md lists each guarantee with the test that proves it.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import wait_for
+from fixtures_run import events, ledger, state, submit, wait_event, wait_finished, write_manifest
+from fixtures_ssh import ssh_env  # noqa: F401  (fixture)
+
+SIM_JOB = "python3 -m ledger.sim job"
+
+
+# ---- a ledger folder on a network filesystem ----------------------------------------
+
+@pytest.fixture
+def sshfs_mount(ssh_env, tmp_path):  # noqa: F811
+    """The test user's folder on the test sshd, mounted here with sshfs (FUSE)."""
+    if not shutil.which("sshfs"):
+        pytest.skip("sshfs is not installed (apt-get install sshfs)")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse: FUSE mounts are impossible here")
+    remote = "share-%d-%s" % (os.getpid(), tmp_path.name)
+    ssh_env.run_as_user("mkdir -p ~/%s" % remote)
+    point = tmp_path / "nfs-home"
+    point.mkdir()
+    cmd = ["sshfs", "-F", str(ssh_env.config_path), "gpu-a:%s" % remote, str(point),
+           "-o", "UserKnownHostsFile=%s" % ssh_env.known_hosts_path, "-o", "StrictHostKeyChecking=yes",
+           "-o", "BatchMode=yes"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        pytest.skip("sshfs mount impossible here: %s" % (res.stderr.strip() or res.stdout.strip()))
+    try:
+        yield point
+    finally:
+        subprocess.run(["fusermount", "-u", "-z", str(point)], capture_output=True)
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+        ssh_env.run_as_user("rm -rf ~/%s" % remote, check=False)
+
+
+def test_a_ledger_folder_on_sshfs_is_detected_and_the_ledger_kept_on_a_local_disk(sshfs_mount, tmp_path,
+                                                                                  monkeypatch):
+    from ledger.localdisk import filesystem_of, is_network
+    fstype, point, _source = filesystem_of(str(sshfs_mount / ".ledger" / "ledger.db"))
+    assert fstype == "fuse.sshfs" and point == str(sshfs_mount) and is_network(fstype)
+    asked = str(sshfs_mount / ".ledger" / "ledger.db")
+    local_dir = tmp_path / "var-tmp"
+    monkeypatch.setenv("LEDGER_DB", asked)
+    monkeypatch.setenv("LEDGER_LOCAL_DIR", str(local_dir))
+    local = str(local_dir / ("%s.db" % socket.gethostname().split(".")[0]))
+    m = write_manifest(tmp_path, """
+        project: onnfs
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        jobs: [{{id: a, cmd: "echo hi > out.txt", output_check: out.txt}}]
+        """)
+    res = ledger("submit", m, "--host", "local")
+    note = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(note) == 1 and "network filesystem" in note[0] and "fuse.sshfs" in note[0] and local in note[0]
+    run = res.stdout.split("run ", 1)[1].split()[0]
+    final = wait_finished(local, run)
+    assert final.counts()["completed"] == 1
+    assert not os.path.exists(asked) and not os.listdir(str(sshfs_mount))    # nothing written over sshfs
+    assert os.stat(local).st_mode & 0o777 == 0o600 and os.stat(str(local_dir)).st_mode & 0o777 == 0o700
+    out = ledger("status", run)
+    assert "completed" in out.stdout and "network filesystem" in out.stderr
+    # a ledger that already lives there is refused, naming the fix
+    os.makedirs(os.path.dirname(asked))
+    shutil.copyfile(local, asked)
+    res = ledger("status", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    (line,) = res.stderr.strip().splitlines()
+    assert "network filesystem" in line and "mv %s" % asked in line and "LEDGER_DB" in line
+
+
+def test_filesystem_types_that_count_as_network(tmp_path):
+    """mountinfo parsing (escaped spaces, the longest prefix wins) and the type list."""
+    from ledger.localdisk import filesystem_of, is_network
+    root = tmp_path / "root"
+    for folder in ("home/bob", "home/al ice/scratch", "mnt/w"):
+        (root / folder).mkdir(parents=True)
+    r = str(root)
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "40 22 0:40 / {r}/home rw,relatime shared:2 - nfs4 srv:/export/home rw,vers=4.2\n"
+        "41 40 0:41 / {r}/home/al\\040ice/scratch rw - ext4 /dev/sdb1 rw\n"
+        "42 22 0:42 / {r}/mnt/w rw - cifs //srv/w rw\n".format(r=r))
+    assert filesystem_of(r + "/home/bob/.ledger/ledger.db", str(info))[:2] == ("nfs4", r + "/home")
+    assert filesystem_of(r + "/home/al ice/scratch/l.db", str(info))[:2] == ("ext4", r + "/home/al ice/scratch")
+    assert filesystem_of(r + "/mnt/w/x", str(info))[0] == "cifs"
+    assert filesystem_of(r + "/var/tmp/x", str(info))[:2] == ("ext4", "/")
+    for fstype in ("nfs", "nfs4", "cifs", "smb3", "fuse.sshfs", "fuse.s3fs", "fuse", "9p", "lustre"):
+        assert is_network(fstype), fstype
+    for fstype in ("ext4", "xfs", "btrfs", "zfs", "tmpfs", "overlay", "fuseblk"):
+        assert not is_network(fstype), fstype
