@@ -104,3 +104,93 @@ def test_filesystem_types_that_count_as_network(tmp_path):
         assert is_network(fstype), fstype
     for fstype in ("ext4", "xfs", "btrfs", "zfs", "tmpfs", "overlay", "fuseblk"):
         assert not is_network(fstype), fstype
+
+
+# ---- readers hammering while the scheduler appends -------------------------------------
+
+READER = """
+import sys, time, traceback
+from ledger import api
+from ledger.errors import LedgerError
+db, stop, which = sys.argv[1], sys.argv[2], sys.argv[3]
+import os
+calls = errors = 0
+while not os.path.exists(stop):
+    try:
+        if which == "status":
+            api.status(db)
+        elif which == "replay":
+            api.replay(db, since="1")
+        else:
+            api.sql(db, "SELECT kind, COUNT(*) FROM events GROUP BY kind")
+        calls += 1
+    except LedgerError as exc:
+        errors += 1
+        print("ERROR", exc, flush=True)
+print("CALLS", calls, errors, flush=True)
+"""
+
+WRITER = """
+import os, sys, time
+from ledger.events import Event
+from ledger.store import open_store
+db, run, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+store = open_store(db)
+worst, n = 0.0, 0
+while not os.path.exists(stop):
+    for kind in ("paused", "resumed"):                 # what `ledger pause`/`resume` append, timed
+        t = time.monotonic()
+        store.append([Event(kind, run, data={"actor": "hammer-test"})])
+        worst = max(worst, time.monotonic() - t)
+        n += 1
+    time.sleep(0.05)
+print("WORST", worst, n, flush=True)
+"""
+
+
+def test_readers_hammering_never_see_locked_and_no_writer_stalls(tmp_path, ledger_db):
+    """3 processes loop status/replay/sql through the API, a shell loops the real `ledger status`,
+    `ledger replay` and `ledger sql`, and a user pauses/resumes the run again and again, while the
+    scheduler runs 16 short jobs: no `database is locked` anywhere, no write waits a second."""
+    m = write_manifest(tmp_path, """
+        project: hammer
+        cwd: {cwd}
+        gpu_provider: "sim:4x80G,lag=0"
+        grid: {{i: [{ids}]}}
+        template:
+          id: "h${{i}}"
+          cmd: {job} --mem 1000 --ramp 0.05 --seconds 0.3 --out out/h${{i}}.json
+          output_check: out/h${{i}}.json
+        """, job=SIM_JOB, ids=", ".join(str(i) for i in range(1, 17)))
+    run = submit(m)
+    stop = str(tmp_path / "stop")
+    env = dict(os.environ, LEDGER_DB=ledger_db)
+    procs = [subprocess.Popen([sys.executable, "-c", READER, ledger_db, stop, which], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for which in ("status", "replay", "sql")]
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, ledger_db, run, stop], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    cli_errors, cli_calls = [], 0
+    try:
+        while not state(ledger_db).runs[run].finished or cli_calls < 6:
+            for args in (["status"], ["replay", "--since", "1"], ["sql", "SELECT COUNT(*) FROM events"]):
+                res = ledger(*args, check=False)
+                cli_calls += 1
+                if res.returncode != 0 or "locked" in res.stderr.lower():
+                    cli_errors.append(res.stderr)
+            assert len(cli_errors) == 0, cli_errors
+    finally:
+        open(stop, "w").close()
+        outs = [p.communicate(timeout=60) for p in procs]
+        wout, werr = writer.communicate(timeout=60)
+    for out, err in outs:
+        assert "ERROR" not in out and "Traceback" not in err and "locked" not in (out + err).lower(), out + err
+        calls = int(out.split("CALLS")[1].split()[0])
+        assert calls >= 3
+    assert "Traceback" not in werr, werr
+    worst, n = wout.split("WORST")[1].split()
+    assert n and int(n) >= 10
+    print("worst write %.3f s over %s writes; %d CLI calls; reader calls %s" % (float(worst), n, cli_calls,
+          [o.split("CALLS")[1].split()[0] for o, _e in outs]))
+    assert float(worst) < 1.0, "a write waited %.2f s" % float(worst)
+    final = wait_finished(ledger_db, run)
+    assert final.counts()["completed"] == 16
