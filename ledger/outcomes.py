@@ -136,12 +136,19 @@ def _capacity_mib(line):
     return size_to_mib(match.group(1), match.group(2)) if match else None
 
 
+MAX_OOM_LINE = 1000
+OOM_LINE_BEFORE = 200
+
+
 def detect_oom(text):
     """The last GPU out-of-memory line in ``text`` as an OomInfo, or None."""
     for line in reversed((text or "").splitlines()):
         for kind, pattern in _OOM_PATTERNS:
-            if pattern.search(line):
-                line = line.strip()
+            match = pattern.search(line)
+            if match:
+                # A log without newlines (binary junk, progress bars) makes one huge "line": keep
+                # the message itself, from a little before the match, at most MAX_OOM_LINE chars.
+                line = line[max(0, match.start() - OOM_LINE_BEFORE):].strip()[:MAX_OOM_LINE]
                 return OomInfo(kind, line, _requested_mib(kind, line), _capacity_mib(line))
     return None
 

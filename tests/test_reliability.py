@@ -194,3 +194,65 @@ def test_readers_hammering_never_see_locked_and_no_writer_stalls(tmp_path, ledge
     assert float(worst) < 1.0, "a write waited %.2f s" % float(worst)
     final = wait_finished(ledger_db, run)
     assert final.counts()["completed"] == 16
+
+
+# ---- job logs of many GB, binary junk, no newlines -------------------------------------
+
+OOM_TEXT = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+            "capacity of 79.15 GiB of which 1.20 GiB is free.")
+
+
+def _vm_hwm_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM for %d" % pid)
+
+
+def test_huge_sparse_binary_logs_are_judged_from_their_tail_with_bounded_memory(tmp_path, ledger_db):
+    """Each job makes its own log a 20 GB sparse file, then writes 300 KB of random bytes with no
+    newline (and one an OOM message at the very end). The scheduler judges both from the tail,
+    its peak memory stays far below the log size, and the recorded lines are short."""
+    log = "experiment_queue/$LEDGER_RUN/logs/$LEDGER_JOB.$LEDGER_ATTEMPT.log"
+    junk = "truncate -s 20G {log}; head -c 300000 /dev/urandom | tr -d '\\\\n\\\\r'".format(log=log)
+    m = write_manifest(tmp_path, """
+        project: hugelog
+        cwd: {cwd}
+        gpu_provider: "sim:3x80G,lag=0"
+        oom_retry: {{delay: 1, max_attempts: 1}}
+        retry: {{max_attempts: 1}}
+        jobs:
+          - id: oom
+            cmd: "{junk}; printf '%s' '{oom}'; exit 1"
+          - id: junk
+            cmd: "{junk}; exit 3"
+          - id: keepalive
+            cmd: "while [ ! -e release ]; do sleep 0.1; done"
+        """, junk=junk, oom=OOM_TEXT)
+    run = submit(m)
+    from fixtures_run import scheduler_pid
+    sched = wait_for(lambda: scheduler_pid(ledger_db), timeout=30, what="the scheduler")
+    wait_event(ledger_db, run, "stuck", "oom")
+    wait_event(ledger_db, run, "stuck", "junk")
+    peak = _vm_hwm_kib(sched)
+    (tmp_path / "work" / "release").write_text("")
+    final = wait_finished(ledger_db, run)
+    logs = tmp_path / "work" / "experiment_queue" / run / "logs"
+    assert os.path.getsize(str(logs / "oom.1.log")) > 20 * 2 ** 30          # really many GB (sparse)
+    assert peak < 300 * 1024, "scheduler peaked at %d MiB" % (peak // 1024)
+    (oom,) = events(ledger_db, run, ["oom_detected"])
+    assert oom.job == "oom" and oom.data["oom_kind"] == "torch" and oom.data["requested_mib"] == 2048
+    assert oom.data["line"].endswith("1.20 GiB is free.") and len(oom.data["line"]) <= 1000
+    job = final.jobs["junk"]
+    assert job.status.value == "stuck" and "exit code 3" in job.reason and len(job.reason) <= 500
+    for e in events(ledger_db, run):
+        assert len(str(e.data.get("log_tail", ""))) <= 4000 and len(str(e.data.get("reason", ""))) <= 1000
+    # reading such a log back is bounded too
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    for args in (["logs", "oom"], ["history", "oom"], ["status", run]):
+        out = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "ledger.cli.main"] + args,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert int(out.stdout) < 300 * 1024, (args, out.stdout)
