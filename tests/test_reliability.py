@@ -256,3 +256,71 @@ def test_huge_sparse_binary_logs_are_judged_from_their_tail_with_bounded_memory(
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert int(out.stdout) < 300 * 1024, (args, out.stdout)
+
+
+# ---- hostile ids, args and paths ---------------------------------------------------------
+
+def _hostile_values(canary_dir):
+    c = str(canary_dir)
+    return [
+        "two words  and\ttab",
+        "it's \"quoted\" \\ back\\slash",
+        "$(touch %s/dollar-paren)" % c,
+        "`touch %s/backtick`" % c,
+        "x; touch %s/semicolon" % c,
+        "x && touch %s/and || touch %s/or" % (c, c),
+        "x | touch %s/pipe > %s/redirect" % (c, c),
+        "line one\ntouch %s/newline" % c,
+        "$HOME $$ $0 $PATH * ? [a] ~ {a,b} !!",
+        "unicodé 日本語 🚀 \u2028 \u00a0",
+        "-rf",
+        "",
+    ]
+
+
+def test_hostile_args_reach_the_job_byte_exact_and_no_injected_command_runs(tmp_path, ledger_db):
+    """Grid values and args full of shell syntax pass through plan, submit, the scheduler, the
+    wrapper and screen into the job's argv and environment unchanged; the cwd itself has a
+    hostile name; none of the commands hidden in them runs (their canary files never appear)."""
+    import json
+    canaries = tmp_path / "canaries"
+    canaries.mkdir()
+    values = _hostile_values(canaries)
+    cwd = tmp_path / "work dir 'q' \"d\" $(touch canaries-cwd) `x`"
+    cwd.mkdir()
+    (cwd / "argv.py").write_text(
+        "import json, os, sys\n"
+        "os.makedirs('out', exist_ok=True)\n"
+        "json.dump({'argv': sys.argv[1:], 'env': os.environ.get('HOSTILE'), 'cwd': os.getcwd()},\n"
+        "          open(os.path.join('out', os.environ['LEDGER_JOB'] + '.json'), 'w'))\n")
+    manifest = {"project": "inject", "cwd": str(cwd), "gpu_provider": "sim:2x80G,lag=0", "jobs": []}
+    for i, value in enumerate(values):
+        manifest["jobs"].append({"id": "h%d" % i, "cmd": "python3 argv.py", "args": {"value": value},
+                                 "env": {"HOSTILE": value}, "output_check": "out/h%d.json" % i})
+    path = tmp_path / "inject.json"
+    path.write_text(json.dumps(manifest))
+    plan = ledger("plan", str(path), "--out-dir", str(tmp_path / "plan"))
+    assert "%d jobs" % len(values) in plan.stdout
+    run = submit(str(path))
+    final = wait_finished(ledger_db, run, timeout=120)
+    assert final.counts()["completed"] == len(values), {j.id: (j.status.value, j.reason) for j in final.jobs.values()}
+    for i, value in enumerate(values):
+        got = json.loads((cwd / "out" / ("h%d.json" % i)).read_text())
+        assert got["argv"] == ["--value", value], (i, got)
+        assert got["env"] == value and got["cwd"] == str(cwd)
+    assert sorted(os.listdir(str(canaries))) == []
+    assert not (cwd / "canaries-cwd").exists() and not os.path.exists("canaries-cwd")
+
+
+@pytest.mark.parametrize("job_id", ["a b", "a;b", "$(x)", "`x`", "a\nb", "日本", "a'b", "../x", "-x"])
+def test_hostile_job_ids_are_refused_at_plan_time_in_one_line(tmp_path, ledger_db, job_id):
+    import json
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"project": "p", "cwd": str(tmp_path),
+                                "jobs": [{"id": job_id, "cmd": "true"}]}))
+    for command in (["plan", str(path)], ["submit", str(path), "--host", "local"]):
+        res = ledger(*command, check=False)
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        (line,) = res.stderr.strip().splitlines()
+        assert "job id" in line and "jobs[0].id" in line, line
+    assert not os.path.exists(ledger_db)
