@@ -362,6 +362,9 @@ mkdir -p -- "$_lw_logdir" 2>/dev/null && : >> "$_lw_log" 2>/dev/null \
 if [ -n "$_lw_conda_env" ]; then
     _lw_activate_conda || _lw_give_up "$_lw_reason"
 fi
+# The control files (pid, exit, scratch) are private; the job gets the user's umask back.
+_lw_umask=$(umask)
+umask 077
 """
 
 _WRAPPER_RUN = r"""
@@ -379,7 +382,7 @@ fi
 
 _lw_now
 _lw_started_at=$_lw_t
-"$_lw_bash" -c "$_lw_cmd" </dev/null >>"$_lw_log" 2>&1 &
+( umask "$_lw_umask"; exec "$_lw_bash" -c "$_lw_cmd" ) </dev/null >>"$_lw_log" 2>&1 &
 _lw_pid=$!
 printf '%s\n' "$_lw_pid" > "$_lw_pidf.tmp" && mv -f -- "$_lw_pidf.tmp" "$_lw_pidf"
 [ -z "$_lw_got" ] || _lw_on_signal "$_lw_got"
@@ -464,7 +467,8 @@ def _atomic_write(path, data, mode):
 
 
 def _make_private_dir(path):
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    from ledger.localdisk import make_private_dirs
+    make_private_dirs(path)        # the run's folder and any parent it creates (runs/) are 0700
     os.chmod(path, 0o700)
 
 

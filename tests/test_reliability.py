@@ -324,3 +324,42 @@ def test_hostile_job_ids_are_refused_at_plan_time_in_one_line(tmp_path, ledger_d
         (line,) = res.stderr.strip().splitlines()
         assert "job id" in line and "jobs[0].id" in line, line
     assert not os.path.exists(ledger_db)
+
+
+# ---- private files -----------------------------------------------------------------------
+
+def test_everything_the_ledger_keeps_is_private_and_jobs_keep_the_users_umask(tmp_path, ledger_db):
+    """After a run, status, sql and a backup: every folder below the ledger's is 0700 and every
+    file 0600 or 0700 (the GPU simulator's own folder aside: it plays the GPUs, not the ledger).
+    The job's files still follow the user's umask (here 022)."""
+    m = write_manifest(tmp_path, """
+        project: private
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        jobs: [{{id: a, cmd: "echo hi > out.txt", output_check: out.txt}}]
+        """)
+    old = os.umask(0o022)
+    try:
+        run = submit(m)
+        wait_finished(ledger_db, run)
+        ledger("status", run)
+        ledger("sql", "SELECT COUNT(*) FROM events")
+        ledger("pull", "-o", str(tmp_path / "copy.db"), "--host", "local")
+    finally:
+        os.umask(old)
+    root = os.path.dirname(ledger_db)
+    seen = []
+    for folder, dirs, files in os.walk(root):
+        if folder == os.path.join(root, "sim"):
+            dirs[:] = []
+            continue
+        dirs[:] = [d for d in dirs if os.path.join(folder, d) != os.path.join(root, "sim")]
+        assert os.stat(folder).st_mode & 0o777 == 0o700, folder
+        for name in files:
+            path = os.path.join(folder, name)
+            seen.append(os.path.relpath(path, root))
+            assert os.stat(path).st_mode & 0o077 == 0, "%s is %o" % (path, os.stat(path).st_mode & 0o777)
+    assert {"ledger.db", "scheduler.log", "ledger.db.lock"} <= set(seen)
+    assert any(p.endswith("a.1.exit") for p in seen) and any(p.endswith("a.1.pid") for p in seen)
+    assert os.stat(str(tmp_path / "copy.db")).st_mode & 0o777 == 0o600
+    assert os.stat(str(tmp_path / "work" / "out.txt")).st_mode & 0o777 == 0o644
