@@ -364,7 +364,7 @@ class Scheduler:
             interval = GPU_FAST if now - self._last_change < FAST_WINDOW else GPU_SLOW
             if interval > GPU_DRAIN and self._draining(now):
                 interval = GPU_DRAIN
-        if now - self._gpus_at < interval:
+        if now - self._gpus_at < interval - 0.5 * self.tick:    # half a tick of slack: ticks jitter
             return
         taken_at = time.time()
         snap = self.provider.read()
