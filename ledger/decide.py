@@ -128,12 +128,21 @@ def _gpu_health(state, obs):
             if g.error is not None or g.used_mib is None:
                 now_bad[g.index] = g.error or "memory.used unreadable"
     for gpu, reason in sorted(now_bad.items(), key=lambda kv: str(kv[0])):
-        if state.unreadable_gpus.get(gpu) != reason:
+        if _failure_kind(state.unreadable_gpus.get(gpu)) != _failure_kind(reason):
             out.append(Event(kind="gpu_unreadable", run="-", data={"gpu": gpu, "reason": reason}))
     for gpu in sorted(state.unreadable_gpus, key=str):
         if gpu not in now_bad:
             out.append(Event(kind="gpu_readable", run="-", data={"gpu": gpu}))
     return out
+
+
+def _failure_kind(reason):
+    """What went wrong, without the details that change from one read to the next (the garbage
+    line nvidia-smi printed this time): "nvidia-smi: unreadable output: <junk>" and the same
+    with other junk are one failure, recorded once."""
+    if reason is None:
+        return None
+    return ": ".join(reason.split(": ")[:2])
 
 
 def free_gpus(state, obs, plan, run_id):

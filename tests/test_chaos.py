@@ -149,11 +149,11 @@ def _running(pid):
         return False
 
 
-def holds_for(seconds, predicate, what):
+def holds_for(seconds, predicate, what, story=lambda: ""):
     """A negative guarantee needs a window: ``predicate`` must hold at every look for ``seconds``."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        assert predicate(), "%s: broken" % what
+        assert predicate(), "%s: broken\n%s" % (what, story())
         time.sleep(0.1)
 
 
@@ -285,3 +285,91 @@ def test_a_damaged_ledger_file_is_a_one_line_error_naming_the_cure(tmp_path):
             assert res.returncode == 1, (args, res.stdout, res.stderr)
             assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
             assert "damaged" in res.stderr and "ledger pull" in res.stderr, res.stderr
+
+
+# ---- nvidia-smi breaking mid-run; conda failing -------------------------------------------
+
+FAULTS = [  # (sim fault mode, GPU it hits or None for all, words the recorded reason must have)
+    ("garbage", None, "unreadable output"),
+    ("not_found", None, "nvidia-smi"),
+    ("mismatch", None, "Driver/library version mismatch"),
+    ("err", 0, "ERR!"),
+    ("na", 0, "N/A"),
+    ("hang", None, "timed out after"),
+]
+
+
+def test_nvidia_smi_breaking_mid_run_halts_launches_on_unknown_gpus_without_a_crash_loop(tmp_path, ledger_db):
+    """One run, one scheduler; nvidia-smi breaks in each way in turn while jobs wait. Each
+    fault is recorded once (gpu_unreadable, with the reason) and shown by status; no job
+    lands on a GPU that cannot be read; the scheduler stays up; healed, the GPU is recorded
+    readable and the run completes with every job started once."""
+    from ledger.sim import set_fault
+    n = 40
+    m = _starts_manifest(tmp_path, "smifaults", n, 2, 0.3, mem=1000)
+    run = submit(m)
+    wait_event(ledger_db, run, "launched")
+    sim_dir = os.path.join(os.path.dirname(ledger_db), "sim")
+    sched = scheduler_pid(ledger_db)
+    for number, (mode, gpu, words) in enumerate(FAULTS, start=1):
+        assert state(ledger_db).runs[run].counts()["pending"] > 0, "no job left waiting to test %s" % mode
+        set_fault(sim_dir, mode, gpu)
+        (bad,) = wait_event(ledger_db, "-", "gpu_unreadable", count=number, timeout=60)[number - 1:]
+        assert bad.data["gpu"] == ("all" if gpu is None else gpu) and words in bad.data["reason"], bad.data
+        assert len(bad.data["reason"].splitlines()) == 1
+        assert "unreadable: %s" % bad.data["reason"] in ledger("status", run).stdout
+        after = bad.seq
+
+        def no_launch_on_unknown_gpu():
+            new = [e for e in events(ledger_db, run, ["launch_requested"]) if e.seq > after]
+            return all(gpu is not None and gpu not in e.data["gpus"] for e in new)
+        holds_for(2.0, lambda: no_launch_on_unknown_gpu() and scheduler_pid(ledger_db) == sched
+                  and len(events(ledger_db, "-", ["gpu_unreadable"])) == number,
+                  what="no launch onto an unreadable GPU, no repeated event, no restart (%s)" % mode,
+                  story=lambda: _story(ledger_db)[-3000:])
+        set_fault(sim_dir, "none")
+        wait_event(ledger_db, "-", "gpu_readable", count=number, timeout=60)
+    final = wait_finished(ledger_db, run, timeout=120)
+    assert final.counts()["completed"] == n
+    assert set(_start_counts(tmp_path, n).values()) == {1}
+    assert scheduler_pid(ledger_db) in (None, sched) and len(events(ledger_db, "-", ["scheduler_started"])) == 1
+
+
+@pytest.mark.parametrize("hook_works, reason", [
+    (False, "conda activation failed: CondaError: Run 'conda init' before 'conda activate'"),
+    (None, "conda activation failed: conda: command not found"),
+])
+def test_a_failing_conda_hook_is_stuck_once_with_condas_reason(tmp_path, ledger_db, monkeypatch, hook_works,
+                                                               reason):
+    """The job never starts, is recorded stuck with conda's own words after one attempt (a
+    launch problem is not retried), and the scheduler moves on to the other jobs."""
+    from fixtures_conda import make_fake_conda
+    from ledger.launchers import resolve_conda_hook
+    monkeypatch.delenv("LEDGER_CONDA_HOOK", raising=False)
+    if hook_works is None:
+        if resolve_conda_hook(None, os.environ, os.path.expanduser("~")):
+            pytest.skip("a real conda is installed here: 'conda: command not found' cannot happen")
+        hook = ""
+    else:
+        hook = "conda_hook: %s" % make_fake_conda(tmp_path / "conda", hook_works=False).binary
+    m = write_manifest(tmp_path, """
+        project: conda
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        conda: torch
+        {hook}
+        jobs:
+          - id: c
+            cmd: "echo ran >> ran.txt"
+          - id: other
+            cmd: "echo other > other.txt"
+        """, hook=hook)
+    res = ledger("submit", m, "--host", "local", "--no-check")
+    run = res.stdout.split("run ", 1)[1].split()[0]
+    final = wait_finished(ledger_db, run)
+    job = final.jobs["c"]
+    assert job.status.value == "stuck" and job.reason == reason
+    assert [e.job for e in events(ledger_db, run, ["launch_requested"])] == ["c", "other"]   # one try each
+    assert not (tmp_path / "work" / "ran.txt").exists()
+    assert final.jobs["other"].status.value == "stuck"       # same conda for every job: same words
+    assert reason in ledger("history", "c").stdout

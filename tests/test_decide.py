@@ -72,6 +72,19 @@ def test_nothing_launches_without_a_gpu_reading_or_on_an_unreadable_gpu():
     assert kinds(decide(st, failed, CONFIG)) == [("gpu_unreadable", None)]
 
 
+def test_an_unreadable_gpu_is_recorded_once_per_failure_not_once_per_garbled_read():
+    st = state_of(plan(job("a")))
+    first = Observation(now=T + 5, gpus={}, gpu_error="nvidia-smi: unreadable output: unexpected line: x7#q",
+                        gpus_taken_at=T + 5)
+    (ev,) = decide(st, first, CONFIG)
+    apply(st, Event(kind=ev.kind, run=ev.run, data=ev.data, ts=T + 5, seq=st.last_seq + 1))
+    again = Observation(now=T + 6, gpus={}, gpu_error="nvidia-smi: unreadable output: unexpected line: ]]k2",
+                        gpus_taken_at=T + 6)
+    assert decide(st, again, CONFIG) == []
+    other = Observation(now=T + 7, gpus={}, gpu_error="nvidia-smi: timed out after 10 s", gpus_taken_at=T + 7)
+    assert kinds(decide(st, other, CONFIG)) == [("gpu_unreadable", None)]
+
+
 def test_a_gpu_handed_out_is_reserved_before_its_memory_shows():
     st = state_of(plan(job("a"), job("b")), *launched("a", 0))
     out = decide(st, obs(T + 5, gpus(0, 0)), CONFIG)    # a's memory not visible yet on GPU 0
