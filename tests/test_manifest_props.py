@@ -2,9 +2,10 @@
 whose every problem is one line naming the file; never any other exception."""
 
 import json
+import os
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ledger.errors import ManifestError
@@ -182,3 +183,81 @@ def test_property_helper_returns_the_plan_of_a_valid_manifest():
         "project": "p", "cwd": "/x", "default_cmd": "echo ${N}", "grid": {"N": [1, 2]}, "template": {"id": "t${N}"},
     }))
     assert [job.cmd for job in plan.jobs] == ["echo 1", "echo 2"]
+
+
+# ---- the same property through the real command line: `ledger plan` and `ledger submit` ----
+
+def run_cli(*argv):
+    """The real entry point in this process: (exit code, stdout, stderr); any exception other
+    than the SystemExit it ends with fails the test (that would be a traceback for the user)."""
+    import contextlib
+    import io
+
+    from ledger.cli.main import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as done:
+            code = done.code or 0
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_clean_refusal(code, err):
+    assert code == 2, (code, err)
+    lines = err.splitlines()
+    assert lines and "Traceback" not in err
+    for line in lines:
+        assert line.startswith("ledger: error: ") and line.strip() == line.rstrip("\n"), line
+
+
+CLI = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@CLI
+@given(st.one_of(near_valid, anything), st.booleans(), st.booleans())
+def test_plan_command_succeeds_or_refuses_in_one_line_per_problem(document, as_json, flow_style):
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "m.json" if as_json else "m.yaml")
+        with open(path, "w") as f:
+            f.write(json.dumps(document) if as_json else yaml.safe_dump(document, default_flow_style=flow_style))
+        code, out, err = run_cli("plan", path, "--out-dir", os.path.join(folder, "plan"))
+        if code == 0:
+            assert "jobs in" in out and err == ""
+        else:
+            assert_clean_refusal(code, err)
+
+
+valid_manifests = st.fixed_dictionaries({
+    "project": st.just("p"), "cwd": st.just("/x"), "gpu_provider": st.sampled_from(["sim:2x80G", "sim:1x40G"]),
+    "grid": st.fixed_dictionaries({"N": st.lists(st.integers(0, 999), min_size=1, max_size=3, unique=True)}),
+    "template": st.fixed_dictionaries({"id": st.just("t${N}"), "cmd": st.text(min_size=1, max_size=30).filter(
+        lambda t: "$" not in t and "\0" not in t and t.strip())}),
+})
+
+
+@CLI
+@given(st.one_of(manifests(junk=False), valid_manifests))
+def test_submit_command_records_or_refuses_in_one_line_per_problem(document):
+    """cwd points at a missing folder, so a valid manifest is refused by the host's preflight
+    check; an invalid one by the manifest check: always exit 2, one line per problem."""
+    import tempfile
+    if isinstance(document, dict) and "cwd" in document:
+        document = dict(document, cwd="/nonexistent/ledger-props")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "m.yaml")
+        with open(path, "w") as f:
+            f.write(yaml.safe_dump(document))
+        old = os.environ.get("LEDGER_DB")
+        os.environ["LEDGER_DB"] = os.path.join(folder, "ledger", "ledger.db")
+        try:
+            code, _out, err = run_cli("submit", path, "--host", "local")
+        finally:
+            if old is None:
+                os.environ.pop("LEDGER_DB", None)
+            else:
+                os.environ["LEDGER_DB"] = old
+        assert_clean_refusal(code, err)
+        event("refused by " + ("the host's preflight check" if "cwd exists failed" in err else "the manifest check"))
