@@ -192,6 +192,7 @@ class Scheduler:
         self._hooks = []
         self._launchers = {}
         self._adopting = True
+        self._last_world_error = None
 
     # ---- lifecycle ----
 
@@ -316,7 +317,7 @@ class Scheduler:
         session_alive = None
         if ex is None and not alive and a.session:
             if a.session not in sessions:
-                sessions[a.session] = self._launcher(plan).alive(a.session)
+                sessions[a.session] = self._session_alive(plan, a.session)
             session_alive = sessions[a.session]
         spec = plan.job(job.id)
         outputs = ()
@@ -329,6 +330,22 @@ class Scheduler:
             tail = outcomes.read_tail(a.log) if a.log else ""
         return AttemptObs(pid=pid, pid_alive=alive, exit=ex, session_alive=session_alive, outputs=outputs,
                           output_since=self._output_since.get(key), log_tail=tail, gone_since=gone)
+
+    def _session_alive(self, plan, session):
+        """Whether the session lives; None (not known: decide waits) when the launcher itself
+        cannot be asked (screen uninstalled mid-run, tmux server hung)."""
+        try:
+            return self._launcher(plan).alive(session)
+        except LaunchError as exc:
+            self._world_error("cannot look at session %s: %s" % (session, exc))
+            return None
+
+    def _world_error(self, message):
+        """A launcher or tool failing is the world's fault, not a bug: log it once (until it
+        changes) and carry on; the events that matter (launch_failed, ...) say it for the user."""
+        if message != self._last_world_error:
+            self._last_world_error = message
+            self.log(message)
 
     def _outputs(self, plan, spec):
         root = expand_home(plan.cwd, self.config.home)
@@ -428,7 +445,10 @@ class Scheduler:
         elif ev.kind == "run_finished" and own:
             self._finish(ev.run)
         elif ev.kind == "sessions_wiped" and own:
-            self._launcher_named(ev.data["launcher"]).wipe()
+            try:
+                self._launcher_named(ev.data["launcher"]).wipe()
+            except LaunchError as exc:
+                self._world_error("cannot wipe %s sessions: %s" % (ev.data["launcher"], exc))
         if ev.kind in ("launch_requested", "exited", "cancelled", "launch_lost", "launched"):
             self._last_change = time.time()
         if ev.kind == "exited":
@@ -449,7 +469,11 @@ class Scheduler:
             return
         self._last_wipe = now
         for name, launcher in sorted(self._launchers.items()):
-            dead = launcher.dead_sessions() if hasattr(launcher, "dead_sessions") else ()
+            try:
+                dead = launcher.dead_sessions() if hasattr(launcher, "dead_sessions") else ()
+            except LaunchError as exc:
+                self._world_error("cannot list %s sessions: %s" % (name, exc))
+                continue
             if dead:
                 self._append([Event(kind="sessions_wiped", run="-",
                                     data={"launcher": name, "sessions": sorted(dead)})])

@@ -5,6 +5,7 @@ Real processes, real screen sessions, the GPU simulator, a real SQLite file on a
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -373,3 +374,54 @@ def test_a_failing_conda_hook_is_stuck_once_with_condas_reason(tmp_path, ledger_
     assert not (tmp_path / "work" / "ran.txt").exists()
     assert final.jobs["other"].status.value == "stuck"       # same conda for every job: same words
     assert reason in ledger("history", "c").stdout
+
+
+# ---- screen disappears mid-run ---------------------------------------------------------
+
+def _path_without_screen(tmp_path):
+    """A PATH (two folders of symlinks) equal to this machine's, where `screen` is one symlink
+    that the test can delete and put back, as an admin uninstalling it would."""
+    farm, screen_dir = tmp_path / "bin-all", tmp_path / "bin-screen"
+    farm.mkdir()
+    screen_dir.mkdir()
+    for folder in reversed(os.environ.get("PATH", "").split(os.pathsep)):
+        if not os.path.isdir(folder) or folder.startswith(str(tmp_path)):
+            continue
+        for name in os.listdir(folder):
+            if name == "screen":
+                continue
+            link = farm / name
+            if os.path.lexists(str(link)):
+                link.unlink()
+            link.symlink_to(os.path.join(folder, name))
+    (screen_dir / "screen").symlink_to(shutil.which("screen"))
+    return "%s%s%s" % (screen_dir, os.pathsep, farm), screen_dir / "screen"
+
+
+def test_screen_vanishing_mid_run_is_a_clear_launch_failure_not_a_crash(tmp_path, ledger_db):
+    """screen is removed while jobs wait: the next launch fails with a clear reason and a retry
+    time, the scheduler stays up (no crash, no loop of failures), and once screen is back the
+    waiting jobs run."""
+    path, screen_link = _path_without_screen(tmp_path)
+    m = _starts_manifest(tmp_path, "noscreen", 3, 1, 1.0, mem=1000)
+    env = dict(os.environ, PATH=path)
+    res = ledger("submit", m, "--host", "local", env=env)
+    run = res.stdout.split("run ", 1)[1].split()[0]
+    wait_event(ledger_db, run, "launched", "j1")
+    sched = scheduler_pid(ledger_db)
+    target = os.readlink(str(screen_link))
+    screen_link.unlink()
+    (failed,) = wait_event(ledger_db, run, "launch_failed", "j2", timeout=60)
+    assert "screen" in failed.data["reason"] and "No such file" in failed.data["reason"], failed.data
+    assert failed.data["retry_at"] and failed.data["delay"] >= 5
+    def at_most_once_each():
+        jobs = [e.job for e in events(ledger_db, run, ["launch_failed"])]
+        return len(jobs) == len(set(jobs))
+    holds_for(3.0, lambda: scheduler_pid(ledger_db) == sched and at_most_once_each(),
+              what="each waiting job fails once and waits its retry delay; no crash",
+              story=lambda: _story(ledger_db)[-3000:])
+    screen_link.symlink_to(target)
+    final = wait_finished(ledger_db, run, timeout=120)
+    assert final.counts()["completed"] == 3
+    assert _start_counts(tmp_path, 3) == {"j1": 1, "j2": 1, "j3": 1}
+    assert len(events(ledger_db, None, ["scheduler_started"])) == 1
