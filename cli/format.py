@@ -122,7 +122,8 @@ def plan_table(rows):
 def check_text(report, host):
     out = ["host %s:" % host]
     for h in report["host"]:
-        out.append("  [%s] %s: %s" % ("ok" if h["ok"] else "FAIL", h["check"], h["detail"]))
+        mark = {True: "ok", False: "FAIL", None: "busy"}[h["ok"]]
+        out.append("  [%s] %s: %s" % (mark, h["check"], h["detail"]))
     blocked = [j for j in report["jobs"] if j["blocked"]]
     out.append("jobs: %d ready, %d blocked" % (len(report["jobs"]) - len(blocked), len(blocked)))
     for j in blocked:

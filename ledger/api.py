@@ -446,12 +446,13 @@ def retry(db, job, run=None):
             raise LedgerError("job %s of run %s is %s; only stuck, blocked or cancelled jobs can be retried"
                               % (j.id, r.id, j.status.value))
         events = []
-        if r.finished:
+        reopen = r.finished or r.cancelled
+        if reopen:
             events.append(Event(kind="run_reopened", run=r.id, data={"actor": who, "job": j.id}))
         nxt = j.attempt + 1 if j.attempts else j.attempt
         events.append(Event(kind="manual_retry", run=r.id, job=j.id, attempt=nxt,
                             data={"actor": who, "next_attempt": nxt}))
-        return events, {(r.id, j.id): j.version}, {"run": r.id, "job": j.id, "attempt": nxt, "reopened": r.finished}
+        return events, {(r.id, j.id): j.version}, {"run": r.id, "job": j.id, "attempt": nxt, "reopened": reopen}
     result = _manual_append(db, build)
     result["scheduler_pid"] = ensure_scheduler(db_path(db), _state(db).runs[result["run"]].plan.get("gpu_provider"))
     return result

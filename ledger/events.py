@@ -33,7 +33,7 @@ KINDS = {
     "cancelled": ("a human cancelled the job (its session is killed)", "actor, reason"),
     "run_finished": ("every job is completed, stuck, blocked or cancelled", "counts"),
     "run_cancelled": ("a human cancelled the whole run", "actor"),
-    "run_reopened": ("a human retried a job of a finished run; the run is active again", "actor, job"),
+    "run_reopened": ("a human retried a job of a finished or cancelled run; the run is active again", "actor, job"),
     "paused": ("a human stopped launching for the run", "actor"),
     "resumed": ("a human allowed launching again", "actor"),
     "scheduler_started": ("a scheduler took the ledger's lock", "pid, version, bundle, gpu_provider, host"),

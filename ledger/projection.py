@@ -326,8 +326,11 @@ def _run_finished(state, e):
 
 
 def _run_reopened(state, e):
+    """A retried job makes its run active again, even a cancelled one (else it would wait
+    for a launch that a cancelled run never gets)."""
     if e.run in state.runs:
         state.runs[e.run].finished_at = None
+        state.runs[e.run].cancelled = False
 
 
 def _run_cancelled(state, e):

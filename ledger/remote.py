@@ -129,7 +129,7 @@ def blocking_problems(report, label):
     """The lines that make `submit` refuse: host checks that failed (GPUs busy right now
     only means the jobs wait) and jobs that cannot start at all."""
     lines = ["%s: %s failed: %s" % (label, h["check"], h["detail"]) for h in report["host"]
-             if not h["ok"] and not h["check"].startswith("GPUs free")]
+             if h["ok"] is False]
     if lines:
         return lines
     bad = [j for j in report["jobs"] if j["blocked"]]

@@ -35,6 +35,7 @@ FAST_WINDOW = 30.0
 GPU_DRAIN = TICK         # ... while a GPU our job just left has not been seen free (late release)
 DRAIN_WINDOW = 15.0
 WIPE_EVERY = 60.0
+MAX_FAILED_TICKS = 20    # unexpected errors in a row (with growing pauses, about 80 s) before giving up
 
 
 def lock_path(db_path):
@@ -209,18 +210,41 @@ class Scheduler:
             self._unrecorded.append(started)
             self._halt(str(exc))
         self._reconcile_cancelled()
+        failures = 0
         while self.stop_reason is None:
             started = time.monotonic()
             try:
                 self.step()
+                failures = 0
             except DiskFullError as exc:
                 self._halt(str(exc))
+            except Exception as exc:   # noqa: BLE001 -- a bug must neither kill the queue silently nor spin
+                failures += 1
+                if not self._recover(exc, failures):
+                    break
             if self.exit_when_idle and self._idle():
                 if self._stop("idle: every run is finished"):
                     return "idle"
             time.sleep(max(0.0, self.tick - (time.monotonic() - started)))
         self._stop(self.stop_reason, force=True)
         return self.stop_reason
+
+    def _recover(self, exc, failures):
+        """An unexpected error in a tick: log it with its traceback, rebuild the state by a
+        fresh replay, and go on; after MAX_FAILED_TICKS in a row, stop (recorded, with the
+        reason) rather than loop. Returns False when the scheduler should stop."""
+        import traceback
+        self.log("tick failed (%d in a row): %s\n%s" % (failures, exc, traceback.format_exc().rstrip()))
+        if failures >= MAX_FAILED_TICKS:
+            self.stop_reason = "stopped after %d failed ticks in a row: %s: %s" % (
+                failures, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return False
+        time.sleep(min(5.0, 0.5 * failures))
+        try:
+            self.state = self.store.state()
+        except Exception as again:   # noqa: BLE001
+            self.log("replay failed too: %s" % again)
+        return True
 
     def _install_signals(self):
         def ask_stop(signum, _frame):
@@ -279,11 +303,25 @@ class Scheduler:
         except ConflictError:
             self._catch_up()   # someone (cancel, retry) got there first: decide again next tick
             return []
-        for ev in stored:
-            apply(self.state, ev)
-        for ev in stored:
-            self._effect(ev, own=True)
+        for ev, own in self._fold(stored):
+            self._effect(ev, own=own)
         return stored
+
+    def _fold(self, stored):
+        """Fold our just-stored events into the state; returns [(event, ours?)] in seq order.
+
+        Another writer (a submit, a cancel of another job) may have appended between our last
+        catch-up and our append: everything up to our last event is folded in seq order, as a
+        replay would, so that no event of theirs is ever skipped."""
+        if not stored:
+            return []
+        ours = {ev.seq for ev in stored}
+        folded = stored
+        if stored[0].seq != self.state.last_seq + 1 or len(stored) != stored[-1].seq - stored[0].seq + 1:
+            folded = list(self.store.read(since_seq=self.state.last_seq, until_seq=stored[-1].seq))
+        for ev in folded:
+            apply(self.state, ev)
+        return [(ev, ev.seq in ours) for ev in folded]
 
     # ---- observing ----
 
@@ -322,8 +360,8 @@ class Scheduler:
         spec = plan.job(job.id)
         outputs = ()
         if spec.output_check and (ex is not None or alive or gone is not None):
-            outputs = self._outputs(plan, spec)
-            if outputs:
+            outputs, fresh = self._outputs(plan, spec, a.requested_at)
+            if fresh:   # only this attempt's own output starts the linger clock
                 self._output_since.setdefault(key, now)
         tail = ""
         if ex is not None or (gone is not None and session_alive is False):
@@ -347,10 +385,20 @@ class Scheduler:
             self._last_world_error = message
             self.log(message)
 
-    def _outputs(self, plan, spec):
+    def _outputs(self, plan, spec, since):
+        """(every file the output check matches, whether one of them was written by this
+        attempt). A file left by an earlier run or attempt satisfies the check of a job that
+        exits 0, but never makes a running job look finished: only a file modified after the
+        attempt was requested (1 s of slack for coarse mtimes) starts the linger grace."""
         root = expand_home(plan.cwd, self.config.home)
-        pattern = os.path.join(root, spec.output_check)
-        return tuple(sorted(os.path.relpath(p, root) for p in glob.glob(pattern)))[:50]
+        paths = sorted(glob.glob(os.path.join(root, spec.output_check)))[:50]
+        fresh = False
+        for path in paths:
+            try:
+                fresh = fresh or since is None or os.stat(path).st_mtime >= since - 1.0
+            except OSError:
+                pass
+        return tuple(os.path.relpath(p, root) for p in paths), fresh
 
     def _preconditions(self):
         """For jobs whose phase may start: None if their preconditions hold, else why not."""
@@ -601,8 +649,9 @@ class Scheduler:
                   Event(kind="launching_resumed", run="-", data={"reason": "the ledger can be written again"})]
         stored = self.store.append(self._unrecorded + events)   # DiskFullError propagates: still full
         self._unrecorded = []
-        for ev in stored:
-            apply(self.state, ev)
+        for ev, own in self._fold(stored):
+            if not own:
+                self._effect(ev, own=False)
         self.halted = None
         if self.lock is not None:
             self.lock.note(None)

@@ -259,7 +259,8 @@ def test_check_reports_every_precondition_per_job_through_a_jump_host(host):
     assert res.returncode == 1, res.stdout + res.stderr
     assert "[FAIL] cwd exists: %s/work/missing" % folder in out
     assert "[FAIL] conda env nope: no conda env named nope" in out
-    assert "[FAIL] GPUs free for max_parallel=2: 2 of 3 GPUs free now (0,1); GPUs [5] not found" in out
+    assert "[FAIL] GPUs exist: GPU 5 not on this host (it has 0,1)" in out
+    assert "[ok] GPUs free for max_parallel=2: 2 of 2 GPUs free now (0,1)" in out
     assert "jobs: 0 ready, 3 blocked" in out
     assert "  teacher_N1: checkpoint_exists: init/N1.pt not found; host: cwd exists failed; " \
            "host: conda env nope failed" in out

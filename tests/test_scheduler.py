@@ -546,3 +546,103 @@ def test_a_local_submit_checks_first_and_refuses_a_run_that_cannot_start(tmp_pat
     assert "local: cwd exists failed: %s/work/missing" % tmp_path in lines[0]
     assert "nvidia-smi not found" in res.stderr and "gpu_provider: sim:4x80G" in res.stderr
     assert not os.path.exists(ledger_db) or not state(ledger_db).runs      # nothing recorded
+
+
+def test_an_output_left_by_an_earlier_run_never_ends_a_running_job(tmp_path, ledger_db):
+    """Only a file this attempt wrote starts the linger grace: an old result in the same
+    cwd (a rerun, a retry) must not get a running job killed and counted as completed."""
+    m = write_manifest(tmp_path, """
+        project: rerun
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        stale_grace: 1
+        jobs:
+          - id: slow
+            cmd: {job} --mem 1000 --seconds 4 --out out/a.json
+            output_check: out/a.json
+        """, job=SIM_JOB)
+    old = tmp_path / "work" / "out" / "a.json"
+    old.parent.mkdir(parents=True)
+    old.write_text('{"old": true}')
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    run = submit(m)
+    final = wait_finished(ledger_db, run, timeout=60)
+    attempt = final.jobs["slow"].attempts[-1]
+    assert final.jobs["slow"].status.value == "completed"
+    assert not attempt.stale_cleaned and attempt.exit_code == 0
+    assert "stale_cleaned" not in kinds_of(events(ledger_db, run), "slow")
+    assert '"old"' not in old.read_text()          # the job ran to its end and wrote its own
+
+
+def test_events_other_writers_append_between_the_schedulers_reads_are_never_skipped(tmp_path, ledger_db):
+    """The scheduler folds its own appends in seq order with whatever a submit or cancel
+    appended just before them, so its state always equals a fresh replay."""
+    from ledger import api
+    from ledger.events import Event
+    from ledger.manifest import load_manifest
+    from ledger.scheduler import Scheduler
+    from ledger.store import open_store
+    plans = []
+    for name in ("first", "second"):
+        m = write_manifest(tmp_path, """
+            project: {project}
+            cwd: {cwd}
+            gpu_provider: "sim:1x80G"
+            jobs:
+              - {{id: a, cmd: "true"}}
+            """, name=name + ".yaml", project=name)
+        plans.append(load_manifest(m).to_dict())
+    first = api.submit(ledger_db, plans[0], start_scheduler=False)["run"]
+    with open_store(ledger_db) as store:
+        scheduler = Scheduler(store, None, "sim:1x80G", exit_when_idle=False)
+        scheduler.state = store.state()
+        second = api.submit(ledger_db, plans[1], start_scheduler=False)["run"]   # another writer
+        scheduler._append([Event(kind="paused", run=first, data={"actor": "test"})])
+        assert second in scheduler.state.runs, "the other writer's run was skipped"
+        fresh = store.state()
+        assert scheduler.state.last_seq == fresh.last_seq
+        assert sorted(scheduler.state.runs) == sorted(fresh.runs) == sorted([first, second])
+        assert scheduler.state.runs[first].paused
+
+
+def test_retrying_a_job_of_a_cancelled_run_reopens_the_run_and_runs_the_job(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: reopen
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        jobs:
+          - id: a
+            cmd: "if [ ${{ATTEMPT}} = 1 ]; then sleep 300; fi; echo done > a.txt"
+            output_check: a.txt
+          - {{id: b, cmd: "sleep 300"}}
+        """)
+    run = submit(m)
+    wait_event(ledger_db, run, "launched", "a")
+    ledger("cancel", run)
+    out = ledger("retry", "a", "--run", run).stdout
+    assert "will run again as attempt 2" in out
+    wait_for(lambda: state(ledger_db).runs[run].jobs["a"].status.value == "completed", timeout=60,
+             what="the retried job of the cancelled run to complete")
+    final = wait_finished(ledger_db, run)
+    assert final.jobs["b"].status.value == "cancelled"
+    assert "run_reopened" in [e.kind for e in events(ledger_db, run)]
+
+
+def test_a_job_needing_more_gpus_than_the_host_has_is_refused_by_check_and_submit(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: toobig
+        cwd: {cwd}
+        gpu_provider: "sim:2x80G"
+        jobs:
+          - {{id: wide, cmd: "true", gpus_per_job: 3}}
+          - {{id: narrow, cmd: "true"}}
+        """)
+    res = ledger("check", m, "--host", "local", check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "jobs: 1 ready, 1 blocked" in res.stdout
+    assert "  wide: needs 3 GPUs; this host offers 2 (0,1)" in res.stdout
+    res = ledger("submit", m, "--host", "local", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "local: job wide blocked: needs 3 GPUs; this host offers 2 (0,1)" in res.stderr
+    assert not os.path.exists(ledger_db) or not state(ledger_db).runs      # nothing recorded
