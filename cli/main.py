@@ -5,6 +5,7 @@ GPU host through ``ledger.remote``), and formats the answer. Errors the library
 raises on purpose become one line on stderr and exit code 2 (user error) or 1.
 """
 
+import errno
 import json
 import os
 import sys
@@ -492,6 +493,9 @@ def main(argv=None):
         cli.main(args=argv, prog_name="ledger", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:     # bare `ledger` (click 8.2+): the help
+        click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(0)
     except click.ClickException as exc:
         click.echo("ledger: error: %s" % exc.format_message(), err=True)
         sys.exit(2 if exc.exit_code == 2 or isinstance(exc, click.UsageError) else exc.exit_code)
@@ -504,8 +508,19 @@ def main(argv=None):
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
-    except BrokenPipeError:
+    except BrokenPipeError:       # `ledger replay ... | head`: the reader is gone, that is fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
+    except OSError as exc:        # a path the user gave that cannot be used: one line, never a traceback
+        where = "%s: " % exc.filename if exc.filename else ""
+        click.echo("ledger: error: %s%s" % (where, exc.strerror or exc), err=True)
+        sys.exit(2 if exc.errno in _USER_ERRNOS else 1)
+
+
+#: OSErrors that mean "the path you gave cannot be used": a user error (exit 2).
+_USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+                errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
 
 
 if __name__ == "__main__":

@@ -307,12 +307,36 @@ def replay(db, since=None, until=None, job=None, kinds=None, run=None):
         if value is not None:
             kind, v = parse_when(value)
             kw["%s_%s" % (name, kind)] = v
+    _check_window(kw, since, until)
+    _check_kinds(kinds)
     if "since_seq" in kw:
         kw["since_seq"] -= 1     # `--since 5` includes event 5
     with _open(path, readonly=True) as store:
-        if run:
-            run = _pick_run(store.state(), run).id
+        if run or job:
+            state = store.state()
+            run = _pick_run(state, run).id if run else None
+            if job and not any(job in r.jobs for r in state.runs.values() if run is None or r.id == run):
+                raise NotFoundError("no job named %s in %s" % (job, "run %s" % run if run else "the ledger"))
         return [event_to_dict(e) for e in store.read(run=run, job=job, kinds=kinds or None, **kw)]
+
+
+def _check_window(kw, since, until):
+    """--since after --until matches nothing: say so instead of printing nothing."""
+    for unit in ("ts", "seq"):
+        lo, hi = kw.get("since_" + unit), kw.get("until_" + unit)
+        if lo is not None and hi is not None and lo > hi:
+            raise LedgerError("--since %s is after --until %s; nothing can match" % (since, until))
+
+
+def _check_kinds(kinds):
+    """A misspelt --kind would silently match nothing: refuse it, suggesting the closest kind."""
+    import difflib
+    from .events import KINDS
+    for kind in kinds or ():
+        if kind not in KINDS:
+            close = difflib.get_close_matches(kind, list(KINDS), n=1)
+            raise NotFoundError("unknown event kind %r%s; docs/events.md lists them all" % (
+                kind, " (did you mean %r?)" % close[0] if close else ""))
 
 
 def history(db, job, run=None):

@@ -29,6 +29,13 @@ class StoreError(LedgerError):
     exit_code = 1
 
 
+class NotALedgerError(StoreError):
+    """The file named as the ledger is not one (not SQLite, or somebody else's database):
+    the user pointed --db or LEDGER_DB at the wrong file."""
+
+    exit_code = 2
+
+
 class DiskFullError(StoreError):
     """An append failed because the disk holding the ledger is full; nothing was written."""
 
@@ -71,6 +78,12 @@ class TransportError(LedgerError):
     """The SSH connection failed or dropped."""
 
     exit_code = 1
+
+
+class UnknownHostError(TransportError):
+    """The host name does not resolve: most often a typo in --host or the manifest's ssh:."""
+
+    exit_code = 2
 
 
 class HostKeyError(TransportError):

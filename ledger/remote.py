@@ -52,7 +52,7 @@ class LocalBackend:
         return api.check(self.db, plan.to_dict())
 
     def pull(self, dest):
-        return api.backup(self.db, os.path.abspath(dest))
+        return api.backup(self.db, _pull_destination(dest))
 
     def close(self):
         pass
@@ -100,6 +100,7 @@ class RemoteBackend:
         return report
 
     def pull(self, dest):
+        dest = _pull_destination(dest)
         snap = self.call("backup", dest=None)
         try:
             self.transport.get_file(snap["path"], dest)
@@ -107,6 +108,18 @@ class RemoteBackend:
             self.transport.run(["rm", "-f", "--", snap["path"]], retry_safe=True)
         os.chmod(dest, 0o600)
         return {"path": dest, "size": snap["size"]}
+
+
+def _pull_destination(dest):
+    """Where `ledger pull` writes: a file in a folder that exists (a typo in -o must not
+    create folders), never an existing folder."""
+    dest = os.path.abspath(dest)
+    folder = os.path.dirname(dest)
+    if not os.path.isdir(folder):
+        raise LedgerError("pull: folder %s does not exist (create it, or pick another -o)" % folder)
+    if os.path.isdir(dest):
+        raise LedgerError("pull: %s is a folder; give a file name, e.g. -o %s" % (dest, os.path.join(dest, "ledger.db")))
+    return dest
 
 
 def _with_provider(plan, gpu_provider):

@@ -26,7 +26,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
 from . import schema
-from .errors import ConflictError, DiskFullError, LedgerError, NotFoundError, ReadOnlyError, StoreError
+from .errors import (ConflictError, DiskFullError, LedgerError, NotALedgerError, NotFoundError, ReadOnlyError,
+                     StoreError)
 from .events import Event, decode_data, encode_data
 from .projection import SNAPSHOT_LAYOUT, State, apply, decode_state, encode_state
 
@@ -216,6 +217,10 @@ def _schema_version(path, readonly):
             if not readonly and conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 conn.execute("PRAGMA journal_mode=WAL")
             return current
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise NotALedgerError("cannot open ledger at %s: %s" % (path, _one_line(exc)))
+        raise StoreError("cannot open ledger at %s: %s" % (path, _one_line(exc)))
     except sqlite3.Error as exc:
         raise StoreError("cannot open ledger at %s: %s" % (path, _one_line(exc)))
 
@@ -234,7 +239,7 @@ def _refuse_foreign_database(path, conn):
     tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
     foreign = sorted(name for (name,) in tables if name not in ("events", "meta"))
     if foreign:
-        raise StoreError("%s is an SQLite file but not a ledger (it has tables %s)"
+        raise NotALedgerError("%s is an SQLite file but not a ledger (it has tables %s)"
                          % (path, ", ".join(foreign[:5])))
 
 

@@ -42,7 +42,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import paramiko
 
-from .errors import HostKeyError, TransportError
+from .errors import HostKeyError, TransportError, UnknownHostError
 
 # paramiko logs connection failures at ERROR; without a handler Python would print them
 # to stderr next to our one-line message. Applications that configure logging still see them.
@@ -647,8 +647,8 @@ class SshTransport(Transport):
         try:
             return socket.create_connection((hop.hostname, hop.port), timeout=timeout)
         except socket.gaierror as e:
-            raise self._fail(hop, "cannot resolve host name {} ({})".format(
-                hop.hostname, e.strerror)) from None
+            raise UnknownHostError(str(self._fail(hop, "cannot resolve host name {} ({}); is the alias in "
+                                                       "~/.ssh/config?".format(hop.hostname, e.strerror)))) from None
         except socket.timeout:
             raise self._fail(hop, "timed out after {:g}s connecting to {}".format(
                 timeout, target)) from None

@@ -135,3 +135,42 @@ def test_a_missing_ledger_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_ledger_file_is_private(recorded):
     assert os.stat(recorded).st_mode & 0o777 == 0o600
+
+
+def test_paths_that_cannot_be_used_are_one_line_user_errors(recorded, tmp_path, monkeypatch):
+    missing = tmp_path / "no" / "such"
+    cases = [(["summary", RUN, "-o", str(missing / "s.md")], "%s: No such file or directory" % (missing / "s.md")),
+             (["plan", os.path.join(os.path.dirname(__file__), "..", "ledger", "examples", "sim_sweep.yaml"),
+               "--out-dir", "/proc/ledger-test/plan"], "No such file or directory"),
+             (["pull", "-o", str(missing / "x.db")], "pull: folder %s does not exist" % missing)]
+    for args, message in cases:
+        res = ledger(*args, check=False)
+        assert res.returncode == 2, (args, res.stderr)
+        assert res.stderr.startswith("ledger: error: ") and res.stderr.count("\n") == 1, (args, res.stderr)
+        assert message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+    assert not missing.parent.exists()                  # a typo in -o creates no folders
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("not a database, just notes\n" * 200)
+    monkeypatch.setenv("LEDGER_DB", str(garbage))
+    res = ledger("status", check=False)
+    assert res.returncode == 2 and "cannot open ledger at %s: file is not a database" % garbage in res.stderr
+
+
+def test_replay_filters_that_can_match_nothing_are_refused(recorded):
+    for args, message in ((["--kind", "stuk"], "unknown event kind 'stuk' (did you mean 'stuck'?)"),
+                          (["--job", "nosuch"], "no job named nosuch in the ledger"),
+                          (["--since", "10m", "--until", "20m"], "--since 10m is after --until 20m")):
+        res = ledger("replay", *args, check=False)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+    assert "stuck" in ledger("replay", "--kind", "stuck").stdout
+
+
+def test_bare_ledger_prints_help_and_a_closed_pipe_is_not_an_error(recorded):
+    import subprocess
+    import sys
+    res = ledger(check=False)
+    assert res.returncode == 0 and res.stdout.startswith("Usage: ledger") and not res.stderr
+    many = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 50000) SELECT x FROM c"
+    cmd = "%s -m ledger.cli.main sql '%s' | head -1" % (sys.executable, many)    # far beyond a pipe's buffer
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "x" and not res.stderr, res
