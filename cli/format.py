@@ -72,8 +72,11 @@ def status_text(data):
     if data.get("at"):
         out.append("as of %s" % when(data["at"]))
     sch = data["scheduler"]
+    idle = "not running"
+    if not data.get("at") and sch.get("unfinished_runs"):
+        idle += "; %d unfinished run(s) wait: `ledger resume` starts it" % sch["unfinished_runs"]
     out.append("scheduler: %s" % ("running (pid %s, gpus %s)" % (sch["pid"], sch.get("gpu_provider"))
-                                  if sch["running"] else "not running"))
+                                  if sch["running"] else idle))
     if sch.get("halted"):
         out.append("launching halted: %s" % sch["halted"])
     if data["kind"] == "runs":

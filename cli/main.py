@@ -111,11 +111,21 @@ def submit(ctx, manifest, host, accept_new_host_key, gpu_provider, new_run, foll
     if out.get("upgraded_from"):
         click.echo("  the host's scheduler ran the older bundle %s: stopped cleanly and restarted on this "
                    "version, adopting its running jobs" % out["upgraded_from"])
-    hostopt = "" if backend.label == "local" else " --host %s" % backend.label
+    hostopt = _host_flag(backend)
     click.echo("watch it:  ledger status%s --watch\nevents:    ledger replay%s --since 10m\nsummary:   "
                "ledger summary %s%s" % (hostopt, hostopt, out["run"], hostopt))
     if follow:
-        _follow(backend, out["run"])
+        _exit_by_outcome(_follow(backend, out["run"]))
+
+
+def _host_flag(backend):
+    return "" if backend.label == "local" else " --host %s" % backend.label
+
+
+def _exit_by_outcome(data):
+    """--follow/--watch end with exit 1 when the run ended with stuck jobs (for scripts)."""
+    if data and data["counts"].get("stuck"):
+        sys.exit(1)
 
 
 def _follow(backend, run, interval=1.0, heartbeat=60.0):
@@ -125,10 +135,14 @@ def _follow(backend, run, interval=1.0, heartbeat=60.0):
     a line is printed when the counts change, and once a minute as a heartbeat.
     """
     tty = sys.stdout.isatty()
-    last_counts, last_print = None, 0.0
+    last_counts, last_print, warned = None, 0.0, False
     try:
         while True:
             data = backend.call("status", run=run)
+            if not data["scheduler"]["running"] and data["run"]["state"] != "finished" and not warned:
+                click.echo("%sthe scheduler is not running: nothing moves until `ledger resume%s` starts it"
+                           % ("\n" if tty and last_counts else "", _host_flag(backend)), err=True)
+                warned = True
             counts = fmt.progress_counts(data["run"])
             now = time.monotonic()
             if tty:
@@ -165,7 +179,7 @@ def status(ctx, run, host, accept_new_host_key, as_json, at, watch):
     backend = _backend(ctx, host)
     data = backend.call("status", run=run, at=at)
     if watch and data["kind"] == "run":
-        _follow(backend, data["run"]["run"])
+        _exit_by_outcome(_follow(backend, data["run"]["run"]))
         return
     if as_json:
         _echo_json(data)
@@ -351,7 +365,8 @@ def pause(ctx, run, host, accept_new_host_key):
 @host_options
 @click.pass_context
 def resume(ctx, run, host, accept_new_host_key):
-    """Launch again after `ledger pause`.
+    """Launch again after `ledger pause`; start the host's scheduler if it is not running
+    (after `ledger stop`, a reboot or a crash) while runs are unfinished.
 
     \b
     Example:
@@ -359,6 +374,8 @@ def resume(ctx, run, host, accept_new_host_key):
     """
     out = _backend(ctx, host).call("resume", run=run)
     click.echo("resumed: %s" % (", ".join(out["runs"]) or "no unfinished runs"))
+    if out.get("scheduler_started"):
+        click.echo("scheduler started (pid %s); it adopts the jobs still running" % out["scheduler_pid"])
 
 
 @cli.command()

@@ -294,6 +294,7 @@ def scheduler_info(db, state=None):
     pid = sched.scheduler_pid(path)
     state = state or _state(db)
     return {"running": pid is not None, "pid": pid, "gpu_provider": state.scheduler.get("gpu_provider"),
+            "unfinished_runs": sum(1 for r in state.runs.values() if not r.finished),
             "version": state.scheduler.get("version"), "host": socket.gethostname(),
             "halted": sched.scheduler_note(path) if pid is not None else None}
 
@@ -499,7 +500,16 @@ def pause(db, run=None):
 
 
 def resume(db, run=None):
-    return _run_event(db, "resumed", run)
+    """Allow launching again, and make sure a scheduler runs while runs are unfinished:
+    after `ledger stop`, a reboot or a crash, this is how the queue starts moving again."""
+    out = _run_event(db, "resumed", run)
+    path = db_path(db)
+    state = _state(path)
+    unfinished = sorted((r for r in state.runs.values() if not r.finished), key=lambda r: r.submitted_at)
+    if unfinished and sched.scheduler_pid(path) is None:
+        out["scheduler_pid"] = ensure_scheduler(path, unfinished[0].plan.get("gpu_provider"))
+        out["scheduler_started"] = True
+    return out
 
 
 def stop(db, wait=15.0, reason=None):

@@ -45,6 +45,9 @@ MAX_DEPTH = 64
 MAX_NAME_LENGTH = 100
 LAUNCHERS = ("screen", "tmux", "process")
 PRECONDITION_TYPES = ("checkpoint_exists",)
+#: Names users reach for in on_complete/on_stuck, and the environment variable that has it.
+HOOK_NAMES = {"JOB": "LEDGER_JOB", "JOB_ID": "LEDGER_JOB", "RUN": "LEDGER_RUN", "RUN_ID": "LEDGER_RUN",
+              "REASON": "LEDGER_REASON", "HOOK": "LEDGER_HOOK"}
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
 
 #: Shown if a bug slips through; the property tests check it never appears.
@@ -749,10 +752,21 @@ class _ManifestReader:
             launcher=self._launcher(data),
             gpu_provider=self._text(data, "gpu_provider", single_token=True),
             stale_grace=self._stale_grace(data),
-            on_complete=self._text(data, "on_complete"),
-            on_stuck=self._text(data, "on_stuck"),
+            on_complete=self._hook(data, "on_complete"),
+            on_stuck=self._hook(data, "on_stuck"),
         )
         return settings
+
+    def _hook(self, data, key):
+        """An alert hook is the user's shell text, run by bash with LEDGER_RUN, LEDGER_JOB,
+        LEDGER_REASON and LEDGER_HOOK in its environment. ``${JOB}`` and the like would
+        silently expand to nothing there: name the variable that holds it."""
+        text = self._text(data, key)
+        for name in re.findall(r"\$\{(\w+)\}", text or ""):
+            if name in HOOK_NAMES:
+                self.problems.add((key,), "${%s} is empty in a hook; use $%s (hooks get LEDGER_RUN, "
+                                  "LEDGER_JOB, LEDGER_REASON, LEDGER_HOOK)" % (name, HOOK_NAMES[name]))
+        return text
 
     def _gpus(self, data):
         value = data.get("gpus")

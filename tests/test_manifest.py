@@ -818,3 +818,16 @@ def test_phase_conda_different_from_top_level_is_refused_until_jobspec_carries_i
 def test_ssh_alias_must_not_look_like_an_option():
     assert only_problem(BASE + "ssh: -oProxyCommand=x\njobs: [{id: a}]\n") == (
         "manifest.yaml:4:6: ssh: '-oProxyCommand=x' must be one word not starting with '-'")
+
+
+def test_hook_variables_that_would_expand_to_nothing_are_named_with_the_one_to_use():
+    assert problems(BASE + manifest("""
+        on_stuck: notify-send "stuck ${JOB}" "${HOME}"
+        on_complete: echo $LEDGER_RUN ${LEDGER_JOB} ${RUN_ID}
+        jobs: [{id: a}]
+    """)) == [
+        "manifest.yaml:4:11: on_stuck: ${JOB} is empty in a hook; use $LEDGER_JOB (hooks get LEDGER_RUN, "
+        "LEDGER_JOB, LEDGER_REASON, LEDGER_HOOK)",
+        "manifest.yaml:5:14: on_complete: ${RUN_ID} is empty in a hook; use $LEDGER_RUN (hooks get LEDGER_RUN, "
+        "LEDGER_JOB, LEDGER_REASON, LEDGER_HOOK)",
+    ]

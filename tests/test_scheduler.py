@@ -646,3 +646,43 @@ def test_a_job_needing_more_gpus_than_the_host_has_is_refused_by_check_and_submi
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "local: job wide blocked: needs 3 GPUs; this host offers 2 (0,1)" in res.stderr
     assert not os.path.exists(ledger_db) or not state(ledger_db).runs      # nothing recorded
+
+
+def test_after_a_crash_status_says_the_queue_is_stalled_and_resume_restarts_it(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: revive
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        grid: {{i: [1, 2]}}
+        template:
+          id: "r${{i}}"
+          cmd: "echo started >> starts.txt; {job} --mem 1000 --seconds 2 --out out/r${{i}}.json"
+          output_check: out/r${{i}}.json
+        """, job=SIM_JOB)
+    run = submit(m)
+    wait_event(ledger_db, run, "launched", "r1")
+    kill_scheduler(ledger_db)                      # SIGKILL: nothing recorded, r2 still pending
+    wait_for(lambda: scheduler_pid(ledger_db) is None, timeout=15, what="the lock to be released")
+    out = ledger("status").stdout
+    assert "scheduler: not running; 1 unfinished run(s) wait: `ledger resume` starts it" in out
+    out = ledger("resume").stdout
+    assert "scheduler started (pid" in out
+    final = wait_finished(ledger_db, run)
+    assert final.counts()["completed"] == 2
+    assert len((tmp_path / "work" / "starts.txt").read_text().splitlines()) == 2   # r1 adopted, not rerun
+
+
+def test_follow_exits_1_when_the_run_ends_with_a_stuck_job(tmp_path, ledger_db):
+    m = write_manifest(tmp_path, """
+        project: stuckexit
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        jobs:
+          - {{id: ok, cmd: "true"}}
+          - {{id: bad, cmd: "exit 3"}}
+        """)
+    res = ledger("submit", m, "--host", "local", "--follow", check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "completed 1" in res.stdout and "stuck 1" in res.stdout
+    res = ledger("status", "--watch", check=False)
+    assert res.returncode == 1 and "stuck 1" in res.stdout
