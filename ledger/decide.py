@@ -249,7 +249,11 @@ def _judge(run, plan, spec, job, seen, obs, config):
     if a.stale_cleaned and output_ok:
         return out + [_ev("completed", run, job, outputs=list(seen.outputs), note="cleaned after writing its output")]
     if ex.get("reason") and ex.get("exit_code") is None:
-        verdict = outcomes.Verdict("launch_failed", ex["reason"], None, False)
+        # No exit code: the job never started (launch_failed), or it ran and its session
+        # ended without one (killed with its screen, a reboot): that is a failure of the
+        # attempt like any other, and the retry policy applies.
+        ran = a.pid is not None or seen.pid is not None or a.started_at is not None
+        verdict = outcomes.Verdict("lost" if ran else "launch_failed", ex["reason"], None, False)
         if output_ok:
             return out + [_ev("completed", run, job, outputs=list(seen.outputs),
                               note="exit unknown; output present")]

@@ -221,6 +221,16 @@ def test_a_session_that_vanished_without_an_exit_record_is_judged_as_such():
     out = decide(st, obs(T + 10 + VANISH_GRACE + 1, None, attempts=vanished), CONFIG)
     assert kinds(out) == [("exited", "a"), ("failed", "a"), ("stuck", "a")]
     assert out[0].data["exit_code"] is None and "without an exit record" in out[2].data["reason"]
+    assert out[1].data["outcome"] == "lost"         # it ran: not a launch failure
+
+
+def test_a_job_that_ran_and_lost_its_session_follows_the_retry_policy():
+    st = state_of(plan(job("a", retry=RetryPolicy(max_attempts=2, delay=5))), *launched("a", 0))
+    hup = {(RUN, "a"): AttemptObs(pid=1, exit={"exit_code": None, "signal": None, "ended_at": T + 4,
+                                              "reason": "wrapper received SIGHUP"})}
+    out = decide(st, obs(T + 5, None, attempts=hup), CONFIG)
+    assert kinds(out) == [("exited", "a"), ("failed", "a")]
+    assert out[1].data["outcome"] == "lost" and out[1].data["retry_at"] == T + 10
 
 
 def test_timeout_kills_then_fails_with_reason_timeout():
