@@ -43,6 +43,8 @@ def _job_note(j):
     if j["status"] == "retry_wait" and j.get("retry_at"):
         return short("retry at %s: %s" % (time.strftime("%H:%M:%SZ", time.gmtime(j["retry_at"])),
                                           j["last_error"] or "?"))
+    if j["status"] == "pending" and j.get("waiting"):
+        return short(j["waiting"] + ("; last: %s" % j["last_error"] if j["last_error"] else ""))
     return short(j["last_error"])
 
 

@@ -283,10 +283,34 @@ def status(db, run=None, at=None, now=None):
     if picked is None:
         return {"kind": "runs", "at": state.last_ts if at else None, "scheduler": sched_info,
                 "runs": [run_row(r, now) for r in sorted(state.runs.values(), key=lambda r: r.submitted_at)]}
+    waits = _pending_reasons(picked, sched_info["running"] or bool(at))
     return {"kind": "run", "at": state.last_ts if at else None, "scheduler": sched_info,
             "run": run_row(picked, now), "counts": picked.counts(),
-            "jobs": [job_row(j, now) for j in picked.jobs.values()],
+            "jobs": [dict(job_row(j, now), waiting=waits.get(j.id)) for j in picked.jobs.values()],
             "launching_halted": state.launching_halted, "unreadable_gpus": {str(k): v for k, v in state.unreadable_gpus.items()}}
+
+
+def _pending_reasons(run, scheduler_running):
+    """job id -> why a pending job is not running yet, from the state alone."""
+    from .decide import phase_gate
+    if run.finished:
+        return {}
+    plan = run.plan_obj
+    gate = phase_gate(run, plan)
+    deps = {p.name: p.depends_on for p in plan.phases}
+    out = {}
+    for job in run.jobs.values():
+        if job.status != JobStatus.PENDING:
+            continue
+        if gate.get(job.phase) == "wait":
+            out[job.id] = "waits for phase %s" % ", ".join(deps.get(job.phase, ()))
+        elif run.paused:
+            out[job.id] = "run paused (`ledger resume`)"
+        elif not scheduler_running:
+            out[job.id] = "no scheduler running (`ledger resume`)"
+        else:
+            out[job.id] = "waits for a free GPU"
+    return out
 
 
 def scheduler_info(db, state=None):

@@ -4,6 +4,7 @@ Each test submits a manifest through the real `ledger` command, which starts a
 detached scheduler; the assertions read the ledger the scheduler wrote.
 """
 
+import json
 import os
 import random
 import signal
@@ -665,6 +666,9 @@ def test_after_a_crash_status_says_the_queue_is_stalled_and_resume_restarts_it(t
     wait_for(lambda: scheduler_pid(ledger_db) is None, timeout=15, what="the lock to be released")
     out = ledger("status").stdout
     assert "scheduler: not running; 1 unfinished run(s) wait: `ledger resume` starts it" in out
+    rows = {j["job"]: j for j in json.loads(ledger("status", "--json").stdout)["jobs"]}
+    assert rows["r2"]["status"] == "pending" and rows["r2"]["waiting"] == "no scheduler running (`ledger resume`)"
+    assert "no scheduler running" in [line for line in out.splitlines() if line.startswith("r2 ")][0]
     out = ledger("resume").stdout
     assert "scheduler started (pid" in out
     final = wait_finished(ledger_db, run)
