@@ -21,10 +21,19 @@ from . import format as fmt
 HOST_HELP = "GPU host: an ~/.ssh/config alias, or 'local' (default: the manifest's ssh:, else local)."
 
 
+def _remember_db(ctx, _param, value):
+    if value is not None:
+        ctx.meta["ledger.db"] = value
+    return value
+
+
 def host_options(f):
-    """--host and --accept-new-host-key for a command that talks to a GPU host."""
+    """--host, --db and --accept-new-host-key for a command that talks to a GPU host
+    (--db is accepted after the command name too: `ledger status --db box5.db`)."""
     f = click.option("--accept-new-host-key", is_flag=True,
                      help="Trust the host's SSH key if it is seen for the first time.")(f)
+    f = click.option("--db", type=click.Path(dir_okay=False), expose_value=False, callback=_remember_db,
+                     help="Ledger file on the GPU host (same as `ledger --db`; env LEDGER_DB).")(f)
     return click.option("--host", help=HOST_HELP)(f)
 
 
@@ -33,7 +42,8 @@ def _backend(ctx, host=None, manifest_ssh=None):
     from ledger.remote import backend_for
     opts = ctx.find_root().params
     accept = opts.get("accept_new_host_key", False) or ctx.params.get("accept_new_host_key", False)
-    backend = backend_for(host or manifest_ssh, db=opts.get("db"), accept_new_host_key=accept)
+    db = ctx.meta.get("ledger.db") or opts.get("db")
+    backend = backend_for(host or manifest_ssh, db=db, accept_new_host_key=accept)
     ctx.call_on_close(backend.close)
     return backend
 

@@ -174,3 +174,9 @@ def test_bare_ledger_prints_help_and_a_closed_pipe_is_not_an_error(recorded):
     cmd = "%s -m ledger.cli.main sql '%s' | head -1" % (sys.executable, many)    # far beyond a pipe's buffer
     res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "x" and not res.stderr, res
+
+
+def test_db_is_accepted_after_the_command_name_too(recorded, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEDGER_DB", str(tmp_path / "elsewhere.db"))     # the explicit flag wins
+    for args in (["status", "--db", recorded], ["--db", recorded, "status"]):
+        assert RUN in ledger(*args).stdout, args
