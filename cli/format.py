@@ -29,7 +29,8 @@ def middle(text, limit=90):
 
 
 def table(rows, headers):
-    return tabulate(rows, headers=headers, tablefmt="simple")
+    # .15g: an epoch time stays 1796369904.38 instead of tabulate's default 1.79637e+09
+    return tabulate(rows, headers=headers, tablefmt="simple", floatfmt=".15g")
 
 
 def runs_table(runs):
@@ -77,8 +78,8 @@ def status_text(data):
     idle = "not running"
     if not data.get("at") and sch.get("unfinished_runs"):
         idle += "; %d unfinished run(s) wait: `ledger resume` starts it" % sch["unfinished_runs"]
-    out.append("scheduler: %s" % ("running (pid %s, gpus %s)" % (sch["pid"], sch.get("gpu_provider"))
-                                  if sch["running"] else idle))
+    running = "running (pid %s%s)" % (sch["pid"], ", gpus %s" % sch["gpu_provider"] if sch.get("gpu_provider") else "")
+    out.append("scheduler: %s" % (running if sch["running"] else idle))
     if sch.get("halted"):
         out.append("launching halted: %s" % sch["halted"])
     if data["kind"] == "runs":

@@ -85,9 +85,9 @@ def plan(manifest, out_dir, as_json):
     Example:
       ledger plan sweep.yaml --out-dir /tmp/plan
     """
-    from ledger.manifest import plan_table, write_plan
+    from ledger.manifest import new_plan_folder, plan_table, write_plan
     p = _load(manifest)
-    folder = out_dir or os.path.join("experiment_queue", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    folder = out_dir or new_plan_folder("experiment_queue", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     path = write_plan(p, folder)
     if as_json:
         click.echo(p.to_json(indent=2))
@@ -282,7 +282,8 @@ def sql(ctx, query, host, accept_new_host_key, as_json):
 @click.argument("job")
 @click.option("--run", help="The run (default: the newest run with this job).")
 @click.option("--attempt", type=int, help="Which attempt (default: the latest).")
-@click.option("-n", "--lines", type=int, default=100, show_default=True)
+@click.option("-n", "--lines", type=click.IntRange(min=1), default=100, show_default=True,
+              help="How many lines from the end.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines while the attempt runs.")
 @host_options
 @click.pass_context

@@ -445,6 +445,9 @@ def cancel(db, target, run=None):
         if target in state.runs or (run is None and _is_run_prefix(state, target)):
             r = _pick_run(state, target)
             jobs = [j for j in r.jobs.values() if j.status not in FINAL]
+            if not jobs:
+                raise LedgerError("run %s has no job left to cancel (%s)" % (
+                    r.id, ", ".join("%s %d" % kv for kv in r.counts().items() if kv[1])))
             events = [Event(kind="cancelled", run=r.id, job=j.id, attempt=j.attempt,
                             data={"actor": who, "reason": "run cancelled by %s" % who}) for j in jobs]
             events.append(Event(kind="run_cancelled", run=r.id, data={"actor": who}))

@@ -136,6 +136,17 @@ def write_plan(plan, folder):
     return path
 
 
+def new_plan_folder(root, stamp):
+    """``<root>/<stamp>``, or ``<stamp>-2``, ``-3``... when a plan was already saved there in
+    the same second: a saved plan is never overwritten by another."""
+    folder = os.path.join(root, stamp)
+    n = 1
+    while os.path.exists(os.path.join(folder, "manifest.json")):
+        n += 1
+        folder = os.path.join(root, "%s-%d" % (stamp, n))
+    return folder
+
+
 def list_examples():
     """Names of the built-in example manifests (``ledger plan --example NAME``)."""
     if not os.path.isdir(EXAMPLES_DIR):
@@ -1321,9 +1332,14 @@ class _JobBuilder:
         if value is None:
             return None
         items = [value] if _is_int(value) else value
-        if not isinstance(items, list) or not all(_is_int(c) and 0 <= c <= 255 for c in items):
+        if not isinstance(items, list):
             self.problems.add(path, "expected a list of exit codes (0-255) like [1, 137], got {}".format(
                 _describe(value)))
+            return None
+        bad = [(i, c) for i, c in enumerate(items) if not (_is_int(c) and 0 <= c <= 255)]
+        if bad:
+            i, c = bad[0]
+            self.problems.add(path, "item {} is not an exit code (0-255): {}".format(i, _describe(c)))
             return None
         return tuple(int(c) for c in items)
 

@@ -75,7 +75,11 @@ def open_store(path=None, readonly=False, create=True):
         raise NotFoundError("no ledger at %s" % path)
     if not readonly:
         _create_private_file(path)
-    current = _schema_version(path, readonly)
+    try:
+        current = _schema_version(path, readonly)
+    except StoreError:
+        _raise_if_out_of_space(path)
+        raise
     if current != schema.SCHEMA_HEAD:
         if readonly and current is None:
             raise NotFoundError("ledger at %s is empty: nothing was recorded in it yet (or it is being "
@@ -196,6 +200,23 @@ def _fix_sidecar_modes(path):
             os.chmod(path + suffix, FILE_MODE)
         except OSError:
             pass
+
+
+#: Below this much free space a failure to open is put down to a full disk.
+LOW_SPACE_BYTES = 1 << 20
+
+
+def _raise_if_out_of_space(path):
+    """Opening a WAL ledger needs a little room (its -wal and -shm files) even to read; on a full
+    disk SQLite says only "disk I/O error". Say what it is."""
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < LOW_SPACE_BYTES:
+        raise DiskFullError("cannot open ledger at %s: its disk is full (%d KB free; SQLite needs room for its "
+                            "-wal/-shm files even to read): free some space" % (path, free // 1024))
 
 
 def _ro_uri(path):
@@ -668,6 +689,8 @@ class Store:
         The database itself refuses writes (mode=ro, query_only, no ATTACH): the query
         text is never inspected.
         """
+        if not (query or "").strip():
+            raise SqlError("sql: empty query; try ledger sql \"SELECT * FROM job_attempts LIMIT 5\"")
         if self._ro_engine is None:
             self._ro_engine = _make_engine(self.path, readonly=True)
         raw = self._ro_engine.raw_connection()
@@ -684,6 +707,10 @@ class Store:
             lower = message.lower()
             if "readonly" in lower or "read-only" in lower or "authoriz" in lower:
                 raise ReadOnlyError("sql: %s" % message)
+            if lower == "disk i/o error" and query.strip().lower().startswith("pragma"):
+                # a PRAGMA that would change the file fails as an I/O error on a read-only open
+                raise ReadOnlyError("sql: %s: the ledger is opened read-only and this PRAGMA would change it"
+                                    % message)
             raise SqlError("sql: %s" % message)
         finally:
             raw.close()

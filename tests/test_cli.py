@@ -180,3 +180,19 @@ def test_db_is_accepted_after_the_command_name_too(recorded, tmp_path, monkeypat
     monkeypatch.setenv("LEDGER_DB", str(tmp_path / "elsewhere.db"))     # the explicit flag wins
     for args in (["status", "--db", recorded], ["--db", recorded, "status"]):
         assert RUN in ledger(*args).stdout, args
+
+
+def test_sql_edge_cases_are_clear(recorded):
+    out = ledger("sql", "SELECT ts FROM events ORDER BY seq LIMIT 1").stdout
+    assert "e+09" not in out and str(int(T0)) in out          # epoch times printed whole
+    for query, message in (("", "sql: empty query"),
+                           ("PRAGMA journal_mode=DELETE", "opened read-only and this PRAGMA would change it")):
+        res = ledger("sql", query, check=False)
+        assert res.returncode == 2 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_logs_lines_must_be_positive_and_a_finished_run_cannot_be_cancelled_again(recorded):
+    res = ledger("logs", "teacher_N384", "-n", "0", check=False)
+    assert res.returncode == 2 and "-n" in res.stderr
+    res = ledger("cancel", RUN, check=False)
+    assert res.returncode == 2 and "run %s has no job left to cancel" % RUN in res.stderr

@@ -831,3 +831,17 @@ def test_hook_variables_that_would_expand_to_nothing_are_named_with_the_one_to_u
         "manifest.yaml:5:14: on_complete: ${RUN_ID} is empty in a hook; use $LEDGER_RUN (hooks get LEDGER_RUN, "
         "LEDGER_JOB, LEDGER_REASON, LEDGER_HOOK)",
     ]
+
+
+def test_a_bad_exit_code_in_a_retry_list_is_named_by_position():
+    assert only_problem(BASE + "retry: {max_attempts: 2, exit_codes: [1, two]}\njobs: [{id: a}]\n") == (
+        "manifest.yaml:4:38: retry.exit_codes: item 1 is not an exit code (0-255): a string 'two'")
+
+
+def test_plans_saved_in_the_same_second_get_their_own_folders(tmp_path):
+    from ledger.manifest import new_plan_folder
+    first = new_plan_folder(str(tmp_path), "20261204T101500Z")
+    assert first == str(tmp_path / "20261204T101500Z")
+    os.makedirs(first)
+    (tmp_path / "20261204T101500Z" / "manifest.json").write_text("{}")
+    assert new_plan_folder(str(tmp_path), "20261204T101500Z") == str(tmp_path / "20261204T101500Z-2")

@@ -26,21 +26,22 @@ def build_parser():
 
     job = command("job", "a fake training job on the GPUs in CUDA_VISIBLE_DEVICES")
     job.add_argument("--mem", type=int, required=True, help="MiB per visible GPU")
-    job.add_argument("--seconds", type=float, required=True)
-    job.add_argument("--out", default=None)
-    job.add_argument("--ramp", type=float, default=0.5)
-    job.add_argument("--exit", type=int, default=0)
-    job.add_argument("--hang-after-output", action="store_true")
+    job.add_argument("--seconds", type=float, required=True, help="how long it trains (after the ramp)")
+    job.add_argument("--out", default=None, help="result file written at the end (relative to the cwd)")
+    job.add_argument("--ramp", type=float, default=0.5, help="seconds over which memory grows to --mem")
+    job.add_argument("--exit", type=int, default=0, help="exit code at the end (default 0)")
+    job.add_argument("--hang-after-output", action="store_true",
+                     help="write --out, then linger holding the GPU (like a script that hangs at exit)")
     job.add_argument("--alloc", type=int, default=0, help="one extra allocation of this many MiB after the ramp")
 
     load = command("load", "add a foreign process's memory to a GPU")
-    load.add_argument("--gpu", type=int, required=True)
-    load.add_argument("--mem", type=int, required=True)
-    load.add_argument("--name", default="foreign")
+    load.add_argument("--gpu", type=int, required=True, help="GPU index")
+    load.add_argument("--mem", type=int, required=True, help="MiB to occupy")
+    load.add_argument("--name", default="foreign", help="process name nvidia-smi shows")
 
     unload = command("unload", "remove foreign load")
-    unload.add_argument("--gpu", type=int, default=None)
-    unload.add_argument("--id", default=None)
+    unload.add_argument("--gpu", type=int, default=None, help="only this GPU's load (default: all)")
+    unload.add_argument("--id", default=None, help="only the load with this id (printed by load)")
 
     fault = command("fault", "make nvidia-smi misbehave")
     fault.add_argument("--mode", required=True, choices=sim_state.FAULT_MODES)
