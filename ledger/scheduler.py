@@ -702,7 +702,9 @@ def main(argv=None):
         _log_line("ledger scheduler: %s" % exc)
         return 3
     try:
-        store = open_store(args.db)
+        store = _open_when_space(open_store, args.db, lock)
+        if store is None:
+            return 0
         spec = args.gpu_provider or _provider_of_unfinished_runs(store)
         provider = provider_from_spec(spec, os.path.dirname(os.path.abspath(args.db)))
         reason = Scheduler(store, provider, spec or "nvidia-smi", tick=args.tick, lock=lock).run()
@@ -713,6 +715,37 @@ def main(argv=None):
         return exc.exit_code
     finally:
         lock.release()
+
+
+OPEN_RETRY = 2.0
+
+
+def _open_when_space(open_store, db, lock):
+    """Open the ledger; on a disk too full even to open it, say so (lock file, log) and wait for
+    space instead of exiting, since nobody would start the scheduler again. None if stopped."""
+    stop = []
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, lambda signum, _frame: stop.append(signum))
+    try:
+        said = False
+        while True:
+            try:
+                return open_store(db)
+            except DiskFullError as exc:
+                if not said:
+                    _log_line("launching halted: %s" % exc)
+                    lock.note("%s; launching nothing until space is freed" % exc)
+                    said = True
+            if stop:
+                return None
+            time.sleep(OPEN_RETRY)
+            if stop:
+                return None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        lock.note(None)
 
 
 def _restore_job_pythonpath(environ):

@@ -6,6 +6,7 @@ Real processes, real screen sessions, the GPU simulator, a real SQLite file on a
 
 import os
 import shutil
+from contextlib import closing
 import signal
 import subprocess
 import sys
@@ -425,3 +426,54 @@ def test_screen_vanishing_mid_run_is_a_clear_launch_failure_not_a_crash(tmp_path
     assert final.counts()["completed"] == 3
     assert _start_counts(tmp_path, 3) == {"j1": 1, "j2": 1, "j3": 1}
     assert len(events(ledger_db, None, ["scheduler_started"])) == 1
+
+
+def test_a_scheduler_started_on_a_full_disk_waits_for_space_instead_of_exiting(tmp_path, ledger_db):
+    """The scheduler dies and is started again while the ledger's disk is full: it stays up,
+    launches nothing and says why; once space is back it records its start and the halt, adopts
+    the running job and finishes the run."""
+    with tiny_tmpfs(os.path.dirname(ledger_db), size="4m") as folder:
+        (tmp_path / "gpus").mkdir()
+        os.symlink(str(tmp_path / "gpus"), os.path.join(folder, "sim"))
+        m = _starts_manifest(tmp_path, "fullstart", 2, 1, 6.0, mem=1000)
+        run = submit(m)
+        wait_event(ledger_db, run, "launched", "j1")
+        kill_scheduler(ledger_db)
+        recorded = events(ledger_db)
+        import sqlite3
+        with closing(sqlite3.connect(ledger_db)) as conn:     # an empty WAL: any append must grow it
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        filler = os.path.join(folder, "filler")
+        fill_disk(filler)
+        log = open(str(tmp_path / "scheduler.err"), "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "ledger.scheduler", "--db", ledger_db], stdout=log,
+                                stderr=log, start_new_session=True)
+        try:
+            from ledger.scheduler import scheduler_note
+            note = wait_for(lambda: scheduler_note(ledger_db), timeout=30, what="the scheduler to say why it waits")
+            assert "its disk is full" in note and "until space is freed" in note
+            res = ledger("status", run, check=False)    # even reading needs room for the -shm file
+            assert res.returncode == 1 and "Traceback" not in res.stderr
+            (line,) = res.stderr.strip().splitlines()
+            assert "its disk is full" in line and "free some space" in line
+            holds_for(2.0, lambda: proc.poll() is None
+                      and _start_counts(tmp_path, 2) == {"j1": 1, "j2": 0}, what="waiting while full",
+                      story=lambda: "poll=%s starts=%s new=%s err=%s" % (
+                          proc.poll(), _start_counts(tmp_path, 2), "-",
+                          open(str(tmp_path / "scheduler.err")).read()[-2000:]))
+            os.unlink(filler)
+            final = wait_finished(ledger_db, run)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+        assert final.counts()["completed"] == 2
+        assert _start_counts(tmp_path, 2) == {"j1": 1, "j2": 1}
+        evs = events(ledger_db)
+        assert evs[:len(recorded)] == recorded
+        later = [e.kind for e in evs[len(recorded):]]
+        assert later[0] == "scheduler_started", later
+        assert [e.job for e in evs if e.kind == "adopted"] == ["j1"]
+        _assert_gap_free(ledger_db)
