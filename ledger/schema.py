@@ -10,7 +10,7 @@ alembic's head, so the two cannot drift apart silently.
 from sqlalchemy import REAL, Column, Index, Integer, MetaData, Table, Text, func, text
 
 #: Revision id of the newest migration; a ledger file at this revision needs no upgrade.
-SCHEMA_HEAD = "0002"
+from .revision import SCHEMA_HEAD  # noqa: E402,F401  (kept in its own module: no SQLAlchemy needed)
 
 metadata = MetaData()
 

@@ -7,7 +7,7 @@ wait for the scheduler. Appends run in one ``BEGIN IMMEDIATE`` transaction with
 ``seq`` numbers and per-stream versions; when it raises, nothing was written.
 
 Opening is kept cheap because ``ledger status`` opens the file every time: if the file
-is already at ``schema.SCHEMA_HEAD`` (one query with the plain sqlite3 module), alembic
+is already at ``SCHEMA_HEAD`` (one query with the plain sqlite3 module), alembic
 is never imported. Otherwise the migrations run inside the store's own write lock.
 """
 
@@ -21,11 +21,7 @@ import time
 from contextlib import closing
 from urllib.parse import quote
 
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
-
-from . import schema
+from .revision import SCHEMA_HEAD
 from .errors import (ConflictError, DiskFullError, LedgerError, NotALedgerError, NotFoundError, ReadOnlyError,
                      StoreError)
 from .events import Event, decode_data, encode_data
@@ -80,13 +76,13 @@ def open_store(path=None, readonly=False, create=True):
     except StoreError:
         _raise_if_out_of_space(path)
         raise
-    if current != schema.SCHEMA_HEAD:
+    if current != SCHEMA_HEAD:
         if readonly and current is None:
             raise NotFoundError("ledger at %s is empty: nothing was recorded in it yet (or it is being "
                                 "created right now)" % path)
         if readonly:
             raise StoreError("ledger at %s has schema %s, this program needs %s: open it once "
-                             "without read-only to upgrade it" % (path, current or "none", schema.SCHEMA_HEAD))
+                             "without read-only to upgrade it" % (path, current or "none", SCHEMA_HEAD))
         migrate(path, "head")
     return Store(path, _make_engine(path, readonly), readonly)
 
@@ -109,7 +105,7 @@ def migrate(path, revision="head"):
                 _refuse_unknown_revision(path, _version_in(conn.connection.driver_connection), cfg)
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, revision)
-    except (DBAPIError, sqlite3.Error) as exc:
+    except _db_errors() as exc:
         raise StoreError("ledger at %s could not be upgraded: %s" % (path, _one_line(exc)))
     finally:
         engine.dispose()
@@ -135,7 +131,7 @@ def _refuse_unknown_revision(path, current, cfg):
     known = {rev.revision for rev in ScriptDirectory.from_config(cfg).walk_revisions()}
     if current not in known:
         raise StoreError("ledger at %s has schema %s, newer than this program knows (%s): "
-                         "upgrade ledger" % (path, current, schema.SCHEMA_HEAD))
+                         "upgrade ledger" % (path, current, SCHEMA_HEAD))
 
 
 # ---- files and connections ----
@@ -264,17 +260,72 @@ def _refuse_foreign_database(path, conn):
                          % (path, ", ".join(foreign[:5])))
 
 
+def _db_errors():
+    """What a failed statement raises: sqlite3's errors, and SQLAlchemy's once it is loaded
+    (a read-only store never imports SQLAlchemy: ``ledger status`` starts faster)."""
+    dbapi = sys.modules.get("sqlalchemy.exc")
+    return (dbapi.DBAPIError, sqlite3.Error) if dbapi is not None else (sqlite3.Error,)
+
+
+class _ReadOnlyConnections:
+    """What a read-only store needs of an engine (``raw_connection``, ``dispose``) on the
+    plain sqlite3 module: every read goes through raw DBAPI connections anyway. Same
+    PRAGMAs and authorizer as before; a few idle connections are kept for reuse."""
+
+    def __init__(self, path):
+        self.path = path
+        self._idle = []
+
+    def raw_connection(self):
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = sqlite3.connect(_ro_uri(self.path), uri=True, timeout=BUSY_TIMEOUT_MS / 1000.0,
+                                   check_same_thread=False)
+            conn.isolation_level = None
+            conn.execute("PRAGMA busy_timeout=%d" % BUSY_TIMEOUT_MS)
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA query_only=ON")
+            conn.set_authorizer(_deny_escapes)
+        return _Pooled(conn, self._idle)
+
+    def dispose(self):
+        while self._idle:
+            self._idle.pop().close()
+
+
+class _Pooled:
+    """A pooled sqlite3 connection: ``close`` gives it back."""
+
+    def __init__(self, conn, idle):
+        self._conn = conn
+        self._home = idle
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def close(self):
+        if self._conn is not None:
+            if len(self._home) < 4:
+                self._home.append(self._conn)
+            else:
+                self._conn.close()
+            self._conn = None
+
+
 def _make_engine(path, readonly):
     """An engine whose connections carry our PRAGMAs and whose BEGIN we emit ourselves.
 
     pysqlite's own transaction handling is turned off (isolation_level=None) so that
     the ``begin`` event can say BEGIN IMMEDIATE for writes (take the write lock up
-    front instead of failing on lock upgrade) and plain BEGIN for reads.
+    front instead of failing on lock upgrade) and plain BEGIN for reads. A read-only
+    store gets plain sqlite3 connections instead (no SQLAlchemy import at all).
     """
     if readonly:
-        url = URL.create("sqlite", database="file:" + quote(path), query={"mode": "ro", "uri": "true"})
-    else:
-        url = URL.create("sqlite", database=path)
+        return _ReadOnlyConnections(path)
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.engine import URL
+    url = URL.create("sqlite", database=path)
     engine = create_engine(url)
 
     @event.listens_for(engine, "connect")
@@ -283,14 +334,9 @@ def _make_engine(path, readonly):
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA busy_timeout=%d" % BUSY_TIMEOUT_MS)
         cur.execute("PRAGMA foreign_keys=ON")
-        if readonly:
-            cur.execute("PRAGMA query_only=ON")
-            dbapi_conn.set_authorizer(_deny_escapes)
-        else:
-            cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA synchronous=FULL")
         cur.close()
-        if not readonly:
-            _fix_sidecar_modes(path)
+        _fix_sidecar_modes(path)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
@@ -379,7 +425,7 @@ class Store:
                 conn.execution_options(ledger_write=True)
                 with conn.begin():
                     return self._append_locked(conn, events, expect, time.time(), expect_last_seq)
-        except (DBAPIError, sqlite3.Error) as exc:
+        except _db_errors() as exc:
             raise self._write_error(exc, _kinds_of(events))
 
     def _append_locked(self, conn, events, expect, now, expect_last_seq=None):
@@ -411,6 +457,7 @@ class Store:
             rows.append({"seq": done.seq, "ts": done.ts, "run": done.run, "job": done.job,
                          "version": done.version, "attempt": done.attempt, "kind": done.kind,
                          "data": encode_data(done.data)})
+        from . import schema
         conn.execute(schema.events.insert(), rows)
         return stored
 
@@ -452,7 +499,7 @@ class Store:
                     if rows:
                         raw.executemany(insert, rows)
                         count += len(rows)
-        except (DBAPIError, sqlite3.Error) as exc:
+        except _db_errors() as exc:
             raise self._write_error(exc, "bulk")
         return count
 
@@ -474,12 +521,14 @@ class Store:
         return StoreError("ledger at %s: could not record %s events: %s" % (self.path, what, message))
 
     def meta_set(self, key, value):
+        if self.readonly:
+            raise StoreError("ledger at %s is open read-only: could not record %s" % (self.path, key))
         try:
             with self._engine.connect() as conn:
                 conn.execution_options(ledger_write=True)
                 with conn.begin():
                     conn.exec_driver_sql("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-        except (DBAPIError, sqlite3.Error) as exc:
+        except _db_errors() as exc:
             raise self._write_error(exc, "meta")
 
     # -- reading --
