@@ -5,12 +5,14 @@ The same storm as tests/test_chaos.py runs in CI (30 kills, 24 jobs), at a size 
 
     .venv/bin/python scripts/chaos.py --kills 200 --jobs 96
     .venv/bin/python scripts/chaos.py --kills 60 --jobs 24 --rounds 3 --seed 7
+    .venv/bin/python scripts/chaos.py --kills 100 --jobs 48 --launcher process
 
 Each kill hits one of three moments in turn: a random one, a launch recorded as requested but
 not yet confirmed, or an append in the middle of its write/sync system call. Afterwards it
 checks, from the jobs' own start lines and from the ledger, that every job completed exactly
 once, no GPU ran two jobs at once, the event sequence is gap-free and the live projection
-equals a fresh replay. Prints a result table; exits 1 if any invariant broke. Needs screen.
+equals a fresh replay. Prints a result table; exits 1 if any invariant broke. Needs screen
+(or tmux, with --launcher tmux).
 """
 
 import argparse
@@ -49,21 +51,23 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=None,
                         help="run time of each job (default: long enough for the kills to land during the run)")
     parser.add_argument("--rounds", type=int, default=1, help="independent storms (default 1)")
+    parser.add_argument("--launcher", choices=("screen", "tmux", "process"), default="screen",
+                        help="how attempts are started (default screen)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the work folders (printed)")
     args = parser.parse_args(argv)
-    if not shutil.which("screen"):
-        parser.error("screen is not installed (apt-get install screen)")
+    if args.launcher != "process" and not shutil.which(args.launcher):
+        parser.error("%s is not installed (apt-get install %s)" % (args.launcher, args.launcher))
     seconds = args.seconds or round(max(1.0, args.kills * 0.8 * args.gpus / args.jobs), 1)
-    print("kill storm: %d round(s) of %d kills over %d jobs of %.1f s on %d simulated GPUs"
-          % (args.rounds, args.kills, args.jobs, seconds, args.gpus), flush=True)
+    print("kill storm: %d round(s) of %d kills over %d jobs of %.1f s on %d simulated GPUs, launcher %s"
+          % (args.rounds, args.kills, args.jobs, seconds, args.gpus, args.launcher), flush=True)
     rows, problems = [], []
     for number in range(1, args.rounds + 1):
         folder = tempfile.mkdtemp(prefix="ledger-chaos-")
         started = time.monotonic()
         try:
             result = kill_storm(folder, kills=args.kills, jobs=args.jobs, gpus=args.gpus, seconds=seconds,
-                                seed=args.seed + number - 1, timeout=max(600, args.kills * 5),
+                                seed=args.seed + number - 1, timeout=max(600, args.kills * 5), launcher=args.launcher,
                                 log=lambda msg: print(msg, flush=True))
         finally:
             if not args.keep:

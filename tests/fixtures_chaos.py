@@ -34,12 +34,13 @@ MODES = ("random", "launching", "append")
 _WRITE_SYSCALLS = {"x86_64": {1, 18, 20, 296, 74, 75}, "aarch64": {64, 68, 66, 70, 82, 83}}
 
 
-def write_chaos_manifest(work, jobs, gpus, seconds):
+def write_chaos_manifest(work, jobs, gpus, seconds, launcher="screen"):
     os.makedirs(os.path.join(work, "starts"), exist_ok=True)
     text = textwrap.dedent("""
         project: chaos
         cwd: {cwd}
         gpu_provider: "sim:{gpus}x80G,lag=0.2"
+        launcher: {launcher}
         grid: {{i: [{ids}]}}
         template:
           id: "j${{i}}"
@@ -48,7 +49,7 @@ def write_chaos_manifest(work, jobs, gpus, seconds):
             python3 -m ledger.sim job --mem 10000 --ramp 0.1 --seconds {seconds} --out out/j${{i}}.json;
             rc=$?; echo "end $(date +%s.%N)" >> starts/j${{i}}; exit $rc
           output_check: out/j${{i}}.json
-        """).format(cwd=work, gpus=gpus, ids=", ".join(str(i) for i in range(1, jobs + 1)), seconds=seconds)
+        """).format(cwd=work, gpus=gpus, launcher=launcher, ids=", ".join(str(i) for i in range(1, jobs + 1)), seconds=seconds)
     path = os.path.join(os.path.dirname(work), "chaos.yaml")
     with open(path, "w") as f:
         f.write(text)
@@ -117,13 +118,13 @@ def _alive(proc):
     return proc.poll() is None
 
 
-def kill_storm(tmp, kills=30, jobs=24, gpus=3, seconds=2.0, seed=1, timeout=600, log=print):
+def kill_storm(tmp, kills=30, jobs=24, gpus=3, seconds=2.0, seed=1, timeout=600, log=print, launcher="screen"):
     """Run the storm in folder ``tmp``; return a result dict (see ``check_storm``)."""
     rng = random.Random(seed)
     work = os.path.join(tmp, "work")
     os.makedirs(work, exist_ok=True)
     db = os.path.join(tmp, "ledger", "ledger.db")
-    manifest = write_chaos_manifest(work, jobs, gpus, seconds)
+    manifest = write_chaos_manifest(work, jobs, gpus, seconds, launcher)
     env_db = dict(os.environ, LEDGER_DB=db)
     res = subprocess.run([sys.executable, "-m", "ledger.cli.main", "submit", manifest, "--host", "local"],
                          capture_output=True, text=True, env=env_db, timeout=120)
