@@ -292,8 +292,11 @@ def check_storm(db, run, work, jobs, live):
     from ledger.store import open_store
     with open_store(db, readonly=True) as store:
         events = list(store.read())
+        cached = store.state()          # what a restarting scheduler or `status` folds (snapshot + tail)
     fresh = project(events)
     problems = []
+    if cached != fresh:
+        problems.append("the store's state (snapshot + tail) differs from a fresh replay")
     seqs = [e.seq for e in events]
     gap_free = seqs == list(range(1, len(seqs) + 1))
     if not gap_free:
@@ -318,7 +321,7 @@ def check_storm(db, run, work, jobs, live):
     problems += shared
     return {"jobs": jobs, "completed": final.counts()["completed"], "lost": len(lost),
             "duplicated": len(duplicated), "gpu_shared": len(shared), "gap_free": gap_free,
-            "replay_equal": live == fresh, "events": len(events),
+            "replay_equal": live == fresh and cached == fresh, "events": len(events),
             "launch_lost": sum(1 for e in events if e.kind == "launch_lost"),
             "adopted": sum(1 for e in events if e.kind == "adopted"),
             "scheduler_starts": sum(1 for e in events if e.kind == "scheduler_started"),
