@@ -23,7 +23,7 @@ from fixtures_store import fill_disk, tiny_tmpfs
 SIM_JOB = "python3 -m ledger.sim job"
 
 
-def _starts_manifest(tmp_path, project, n, gpus, seconds, mem=10000, extra=""):
+def _starts_manifest(tmp_path, project, n, gpus, seconds, mem=10000, extra="", output=True):
     (tmp_path / "work" / "starts").mkdir(parents=True, exist_ok=True)
     return write_manifest(tmp_path, """
         project: {project}
@@ -34,8 +34,8 @@ def _starts_manifest(tmp_path, project, n, gpus, seconds, mem=10000, extra=""):
         template:
           id: "j${{{{i}}}}"
           cmd: "echo start >> starts/j${{{{i}}}}; {job} --mem {mem} --ramp 0.1 --seconds {seconds} --out out/j${{{{i}}}}.json"
-          output_check: out/j${{{{i}}}}.json
-        """.format(project=project, gpus=gpus, extra=extra, ids=", ".join(str(i) for i in range(1, n + 1)),
+          {check}
+        """.format(check="output_check: out/j${{i}}.json" if output else "", project=project, gpus=gpus, extra=extra, ids=", ".join(str(i) for i in range(1, n + 1)),
                    job=SIM_JOB, mem=mem, seconds=seconds))
 
 
@@ -100,12 +100,11 @@ def test_disk_full_halts_launching_says_why_keeps_the_record_and_carries_on(tmp_
     with tiny_tmpfs(os.path.dirname(ledger_db), size="4m") as folder:
         (tmp_path / "gpus").mkdir()
         os.symlink(str(tmp_path / "gpus"), os.path.join(folder, "sim"))   # real GPUs are not on that disk
-        m = _starts_manifest(tmp_path, "diskfull", 6, 1, 1.0, mem=1000)
+        m = _starts_manifest(tmp_path, "diskfull", 6, 1, 1.0, mem=1000, output=False)   # exit codes decide
         run = submit(m)
         wait_event(ledger_db, run, "launched", "j1")
         pid = scheduler_pid(ledger_db)
-        filler = os.path.join(folder, "filler")
-        fill_disk(filler)
+        filler = HungryFiller(os.path.join(folder, "filler"))    # takes every byte that is freed, too
         # the next append fails; the scheduler halts launching and says why where `status` reads it
         out = wait_for(lambda: (lambda o: o if "launching halted" in o else None)(ledger("status", run).stdout),
                        timeout=30, what="status to say launching is halted")
@@ -120,10 +119,12 @@ def test_disk_full_halts_launching_says_why_keeps_the_record_and_carries_on(tmp_
         res = ledger("pause", check=False)       # a user's append fails cleanly too
         assert res.returncode == 1 and "disk full" in res.stderr and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
-        os.unlink(filler)
+        filler.stop()
         final = wait_finished(ledger_db, run)
         assert scheduler_pid(ledger_db) in (None, pid)
         assert final.counts()["completed"] == 6, _story(ledger_db)
+        j1_end = [e for e in events(ledger_db, run, ["exited"]) if e.job == "j1"]
+        assert [e.data["exit_code"] for e in j1_end] == [0]      # its exit record survived the full disk
         assert _start_counts(tmp_path, 6) == {"j%d" % i: 1 for i in range(1, 7)}
         evs = events(ledger_db)
         assert evs[:len(recorded)] == recorded                       # nothing recorded was damaged
@@ -134,6 +135,36 @@ def test_disk_full_halts_launching_says_why_keeps_the_record_and_carries_on(tmp_
         assert "launching halted" not in ledger("status", run).stdout
         log = open(os.path.join(folder, "scheduler.log")).read()
         assert "launching resumed" in log
+
+
+class HungryFiller:
+    """Another process filling the disk: it writes until the disk is full, then keeps taking
+    every page that is freed (the scheduler's, the wrappers' scratch files) until ``stop``."""
+
+    def __init__(self, path):
+        import threading
+        self.path = path
+        fill_disk(path)
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._eat, daemon=True)
+        self.thread.start()
+
+    def _eat(self):
+        while not self.done.is_set():
+            try:
+                os.write(self.fd, b"\0" * 4096)
+            except OSError:
+                try:
+                    os.write(self.fd, b"\0")       # the tail of a partly used page
+                except OSError:
+                    self.done.wait(0.002)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(5)
+        os.close(self.fd)
+        os.unlink(self.path)
 
 
 def _story(db):
