@@ -8,7 +8,8 @@ The same storm as tests/test_chaos.py runs in CI (30 kills, 24 jobs), at a size 
     .venv/bin/python scripts/chaos.py --kills 100 --jobs 48 --launcher process
 
 Each kill hits one of three moments in turn: a random one, a launch recorded as requested but
-not yet confirmed, or an append in the middle of its write/sync system call. Afterwards it
+not yet confirmed, or an append in flight (the scheduler holding SQLite's write lock, or in a
+write/sync system call on the ledger). Afterwards it
 checks, from the jobs' own start lines and from the ledger, that every job completed exactly
 once, no GPU ran two jobs at once, the event sequence is gap-free and the live projection
 equals a fresh replay. Prints a result table; exits 1 if any invariant broke. Needs screen
@@ -92,9 +93,10 @@ def main(argv=None):
     for r in rows:
         for k, v in r["detail"].items():
             detail[k] = detail.get(k, 0) + v
-    print("mid-launch kills before the session existed: %d, after: %d; mid-append kills in a WAL write/sync: %d, "
-          "in the main file: %d" % (detail["launch_before_session"], detail["launch_after_session"],
-                                   detail["append_wal"], detail["append_db"]))
+    print("mid-launch kills before the session existed: %d, after: %d; mid-append kills inside the write "
+          "transaction (WAL write lock held): %d, in a write/sync of the WAL: %d, of the main file: %d"
+          % (detail["launch_before_session"], detail["launch_after_session"], detail["append_in_transaction"],
+             detail["append_wal"], detail["append_db"]))
     if problems:
         print("\nFAILED:\n  " + "\n  ".join(problems))
         return 1

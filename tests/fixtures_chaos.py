@@ -8,8 +8,11 @@ the GPU simulator, a real SQLite file. Each kill picks one of three moments:
 * ``launching`` - the moment the ledger shows a launch that was requested but not confirmed
                   (``launch_requested`` recorded, ``launched`` not yet): the session may or may
                   not have started;
-* ``append``    - the moment the scheduler is inside a write or sync system call on the ledger
-                  files (``/proc/<pid>/syscall``), i.e. in the middle of an append.
+* ``append``    - the middle of an append: the scheduler seen inside a write or sync system call
+                  on the ledger files (``/proc/<pid>/syscall``), or frozen (SIGSTOP) at a random
+                  instant while it holds SQLite's WAL write lock (``/proc/locks``), i.e. between
+                  BEGIN IMMEDIATE and the end of COMMIT. The second works where the system calls
+                  are too quick to see (a tmpfs).
 
 Every job's command appends a ``start`` line (with its GPUs) to ``starts/<job>`` when it really
 starts and an ``end`` line when it ends, so "launched twice" and "two jobs on one GPU" are
@@ -114,6 +117,58 @@ def _in_ledger_write(pid, db):
     return target if target.startswith(db) else None
 
 
+#: SQLite's WAL write lock: byte 120 of the -shm file (UNIX_SHM_BASE + WAL_WRITE_LOCK), held by
+#: a process for the whole of a write transaction (BEGIN IMMEDIATE to COMMIT).
+WAL_WRITE_LOCK_BYTE = 120
+
+
+def _holds_write_lock(pid, db):
+    """True if ``pid`` holds the ledger's WAL write lock (it is inside an append)."""
+    try:
+        inode = os.stat(db + "-shm").st_ino
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        parts = line.split()
+        if "->" in parts:
+            continue                       # a waiter, not a holder
+        try:
+            i = parts.index("POSIX")
+            kind, owner, dev, start, end = parts[i + 2], int(parts[i + 3]), parts[i + 4], parts[i + 5], parts[i + 6]
+        except (ValueError, IndexError):
+            continue
+        if owner != pid or kind != "WRITE" or int(dev.rsplit(":", 1)[1]) != inode:
+            continue
+        end = float("inf") if end == "EOF" else int(end)
+        if int(start) <= WAL_WRITE_LOCK_BYTE <= end:
+            return True
+    return False
+
+
+def _stopped_inside_append(pid, db, rng):
+    """Freeze ``pid`` at a random instant; True (left frozen) if it is inside a write transaction,
+    else let it go on. Works where a write/sync system call is too quick to see (tmpfs)."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                if f.read().split(") ", 1)[1][0] in "TtZ":
+                    break
+        except OSError:
+            return False
+    if _holds_write_lock(pid, db):
+        return True
+    os.kill(pid, signal.SIGCONT)
+    time.sleep(rng.uniform(0.0, 0.004))
+    return False
+
+
 def _alive(proc):
     return proc.poll() is None
 
@@ -135,7 +190,8 @@ def kill_storm(tmp, kills=30, jobs=24, gpus=3, seconds=2.0, seed=1, timeout=600,
     watcher = Watcher(db)
     sched_log = open(os.path.join(tmp, "scheduler-chaos.log"), "ab")
     by_mode = {m: 0 for m in MODES}
-    detail = {"launch_before_session": 0, "launch_after_session": 0, "append_wal": 0, "append_db": 0}
+    detail = {"launch_before_session": 0, "launch_after_session": 0, "append_wal": 0, "append_db": 0,
+              "append_in_transaction": 0}
     started = time.monotonic()
     proc = None
     done = 0
@@ -246,6 +302,9 @@ def _wait_for_moment(mode, pid, proc, db, watcher, rng, detail, patience=4.0):
             target = _in_ledger_write(pid, db)
             if target is not None:
                 detail["append_wal" if target.endswith("-wal") else "append_db"] += 1
+                return "append"
+            if rng.random() < 0.05 and _stopped_inside_append(pid, db, rng):
+                detail["append_in_transaction"] += 1
                 return "append"
             continue        # a tight loop: the window is a system call long
         pending = watcher.launching()
