@@ -239,9 +239,12 @@ class _Writer:
 
 
 def _freeze_mid_append(proc, db):
-    from fixtures_chaos import _in_ledger_write
-    wait_for(lambda: _in_ledger_write(proc.pid, db), timeout=20, interval=0, what="an append in flight")
-    os.kill(proc.pid, signal.SIGSTOP)
+    """SIGSTOP the writer at an instant when it holds SQLite's write lock (inside an append)."""
+    import random
+    from fixtures_chaos import _stopped_inside_append
+    rng = random.Random(proc.pid)
+    wait_for(lambda: _stopped_inside_append(proc.pid, db, rng), timeout=20, interval=0,
+             what="the writer frozen inside an append")
 
 
 def _consistent_prefix(path, reference=None):
@@ -261,7 +264,7 @@ def _consistent_prefix(path, reference=None):
 
 def test_copies_frozen_mid_append_and_files_left_by_kill_9_replay_to_a_consistent_prefix(tmp_path):
     """A copy of db + WAL taken at one instant while the writer is inside an append (frozen
-    with SIGSTOP inside its write/sync system call, as a filesystem snapshot would catch it),
+    with SIGSTOP while it holds the WAL write lock, as a filesystem snapshot would catch it),
     and the files a writer SIGKILLed mid-append leaves behind, open and replay to a prefix."""
     import shutil
     db = str(tmp_path / "ledger" / "ledger.db")
