@@ -301,7 +301,8 @@ def compose_job_env(base_env, provider):
 
 
 def provider_from_spec(spec, ledger_dir):
-    """``None``/"nvidia-smi" -> NvidiaSmiProvider; "sim:4x80G[,lag=1.5]" -> SimProvider in <ledger_dir>/sim."""
+    """``None``/"nvidia-smi" -> NvidiaSmiProvider; "sim:4x80G[,lag=1.5][,timeout=10]" -> SimProvider in
+    <ledger_dir>/sim."""
     text = (spec or "").strip()
     if text in ("", "nvidia-smi"):
         return NvidiaSmiProvider()
@@ -310,21 +311,25 @@ def provider_from_spec(spec, ledger_dir):
     from .sim import parse_spec
 
     gpu_spec, *options = [part.strip() for part in text[len("sim:"):].split(",")]
-    lag = 2.0
+    numbers = {"lag": 2.0, "timeout": 10.0}      # timeout: how long a (faulted, hanging) read may take
     for option in options:
         key, sep, value = option.partition("=")
-        if key.strip() != "lag" or not sep:
-            raise LedgerError("gpu_provider %r: unknown option %r (only 'lag=SECONDS')" % (spec, option))
+        key = key.strip()
+        if key not in numbers or not sep:
+            raise LedgerError("gpu_provider %r: unknown option %r (only 'lag=SECONDS', 'timeout=SECONDS')"
+                              % (spec, option))
         try:
-            lag = float(value)
+            numbers[key] = float(value)
         except ValueError:
-            lag = -1.0
-        if not lag >= 0:
-            raise LedgerError("gpu_provider %r: lag must be a number of seconds >= 0, got %r" % (spec, value))
+            numbers[key] = -1.0
+        if not numbers[key] >= 0 or (key == "timeout" and not numbers[key] > 0):
+            raise LedgerError("gpu_provider %r: %s must be a number of seconds %s, got %r"
+                              % (spec, key, ">= 0" if key == "lag" else "> 0", value))
+    lag = numbers["lag"]
     try:
         parse_spec(gpu_spec)
     except ValueError as error:
         raise LedgerError("gpu_provider %r: %s" % (spec, error))
     from .localdisk import make_private_dirs
     make_private_dirs(ledger_dir)       # the simulator may be first to need the ledger's folder
-    return SimProvider(os.path.join(ledger_dir, "sim"), gpu_spec, lag)
+    return SimProvider(os.path.join(ledger_dir, "sim"), gpu_spec, lag, timeout=numbers["timeout"])

@@ -23,19 +23,20 @@ from fixtures_store import fill_disk, tiny_tmpfs
 SIM_JOB = "python3 -m ledger.sim job"
 
 
-def _starts_manifest(tmp_path, project, n, gpus, seconds, mem=10000, extra="", output=True):
+def _starts_manifest(tmp_path, project, n, gpus, seconds, mem=10000, extra="", output=True, timeout=None):
     (tmp_path / "work" / "starts").mkdir(parents=True, exist_ok=True)
     return write_manifest(tmp_path, """
         project: {project}
         cwd: {{cwd}}
-        gpu_provider: "sim:{gpus}x80G,lag=0.1"
+        gpu_provider: "sim:{gpus}x80G,lag=0.1{timeout}"
         {extra}
         grid: {{{{i: [{ids}]}}}}
         template:
           id: "j${{{{i}}}}"
           cmd: "echo start >> starts/j${{{{i}}}}; {job} --mem {mem} --ramp 0.1 --seconds {seconds} --out out/j${{{{i}}}}.json"
           {check}
-        """.format(check="output_check: out/j${{i}}.json" if output else "", project=project, gpus=gpus, extra=extra, ids=", ".join(str(i) for i in range(1, n + 1)),
+        """.format(check="output_check: out/j${{i}}.json" if output else "", project=project,
+                   timeout=",timeout=%g" % timeout if timeout else "", gpus=gpus, extra=extra, ids=", ".join(str(i) for i in range(1, n + 1)),
                    job=SIM_JOB, mem=mem, seconds=seconds))
 
 
@@ -331,7 +332,7 @@ FAULTS = [  # (sim fault mode, GPU it hits or None for all, words the recorded r
     ("mismatch", None, "Driver/library version mismatch"),
     ("err", 0, "ERR!"),
     ("na", 0, "N/A"),
-    ("hang", None, "timed out after"),
+    ("hang", None, "timed out after 2 s"),
 ]
 
 
@@ -342,7 +343,7 @@ def test_nvidia_smi_breaking_mid_run_halts_launches_on_unknown_gpus_without_a_cr
     readable and the run completes with every job started once."""
     from ledger.sim import set_fault
     n = 40
-    m = _starts_manifest(tmp_path, "smifaults", n, 2, 0.3, mem=1000)
+    m = _starts_manifest(tmp_path, "smifaults", n, 2, 0.3, mem=1000, timeout=2)
     run = submit(m)
     wait_event(ledger_db, run, "launched")
     sim_dir = os.path.join(os.path.dirname(ledger_db), "sim")

@@ -237,6 +237,8 @@ def test_provider_from_spec_picks_the_provider(tmp_path):
     assert provider.name == "sim:2x80G" and provider.lag == 1.5
     assert provider.state_dir == str(tmp_path / "sim")
     assert provider_from_spec("sim:4x80G", str(tmp_path)).lag == 2.0
+    assert provider_from_spec("sim:4x80G", str(tmp_path)).timeout == 10.0
+    assert provider_from_spec("sim:4x80G,lag=0,timeout=2", str(tmp_path)).timeout == 2.0
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -245,6 +247,7 @@ def test_provider_from_spec_picks_the_provider(tmp_path):
     ("sim:4x80G,lag=soon", "lag must be a number of seconds >= 0, got 'soon'"),
     ("sim:4x80G,lag=-1", "lag must be a number of seconds >= 0"),
     ("sim:4x80G,speed=9", "unknown option 'speed=9'"),
+    ("sim:4x80G,timeout=0", "timeout must be a number of seconds > 0, got '0'"),
 ])
 def test_provider_from_spec_rejects_bad_specs(tmp_path, spec, message):
     with pytest.raises(LedgerError) as caught:
