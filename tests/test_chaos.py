@@ -6,17 +6,17 @@ Real processes, real screen sessions, the GPU simulator, a real SQLite file on a
 
 import os
 import shutil
-from contextlib import closing
 import signal
 import subprocess
 import sys
 import time
+from contextlib import closing
 
 import pytest
 
 from conftest import wait_for
-from fixtures_chaos import kill_storm, read_starts
-from fixtures_run import (assert_no_gpu_shared, events, kill_scheduler, ledger, scheduler_pid, state, submit,
+from fixtures_chaos import kill_storm
+from fixtures_run import (events, kill_scheduler, ledger, scheduler_pid, state, submit,
                           wait_event, wait_finished, write_manifest)
 from fixtures_store import fill_disk, tiny_tmpfs
 

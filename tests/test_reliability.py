@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -164,7 +163,6 @@ def test_readers_hammering_never_see_locked_and_no_writer_stalls(tmp_path, ledge
         """, job=SIM_JOB, ids=", ".join(str(i) for i in range(1, 17)))
     run = submit(m)
     stop = str(tmp_path / "stop")
-    env = dict(os.environ, LEDGER_DB=ledger_db)
     procs = [subprocess.Popen([sys.executable, "-c", READER, ledger_db, stop, which], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for which in ("status", "replay", "sql")]
     writer = subprocess.Popen([sys.executable, "-c", WRITER, ledger_db, run, stop], stdout=subprocess.PIPE,
