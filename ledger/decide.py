@@ -145,16 +145,17 @@ def _failure_kind(reason):
     return ": ".join(reason.split(": ")[:2])
 
 
-def free_gpus(state, obs, plan, run_id):
+def free_gpus(state, obs, plan, run_id, claims=None):
     """GPUs a job of ``run_id`` may take now, in index order.
 
     Free means: readable, memory.used below the threshold in a sample taken after
     the last of our jobs left it, and not held (or about to be held) by any job of
-    ours in any run. Never a guess: an unreadable GPU is never free.
+    ours in any run. Never a guess: an unreadable GPU is never free. ``claims``:
+    ``_gpu_claims(state, obs.gpus_taken_at)`` when the caller has it already.
     """
     if obs.gpus is None or obs.gpu_error is not None:
         return []
-    held, left_at = _gpu_claims(state)
+    held, left_at = claims if claims is not None else _gpu_claims(state, obs.gpus_taken_at)
     allowed = set(plan.gpus) if plan.gpus is not None else None
     free = []
     for idx in sorted(obs.gpus):
@@ -171,10 +172,17 @@ def free_gpus(state, obs, plan, run_id):
     return free
 
 
-def _gpu_claims(state):
-    """GPUs held by active jobs (any run), and when each GPU was last left."""
+def _gpu_claims(state, since=None):
+    """GPUs held by active jobs (any run), and when each GPU was last left.
+
+    A run that finished before ``since`` (the GPU sample's time) is skipped: it holds
+    nothing and every attempt of it ended before it finished, so none of its exits can
+    be newer than the sample. That keeps a tick's cost independent of the ledger's past.
+    """
     held, left_at = set(), {}
     for run in state.runs.values():
+        if since is not None and run.finished_at is not None and run.finished_at < since:
+            continue
         for job in run.jobs.values():
             if job.status in ACTIVE:
                 held.update(job.gpus)
@@ -377,12 +385,18 @@ def _launches(state, obs, config, already):
     touched = {(e.run, e.job) for e in already}
     taken = set()
     out = []
-    for run in sorted(state.runs.values(), key=lambda r: (r.submitted_at, r.id)):
+    claims = None
+    for run in sorted((r for r in state.runs.values() if not r.finished), key=lambda r: (r.submitted_at, r.id)):
         plan = run.plan_obj
+        candidates = launch_candidates(run, plan)
+        if not candidates:
+            continue
+        if claims is None:
+            claims = _gpu_claims(state, obs.gpus_taken_at)
         active = sum(1 for j in run.jobs.values() if j.status in ACTIVE)
         limit = plan.max_parallel or 10 ** 6
-        free = [g for g in free_gpus(state, obs, plan, run.id) if g not in taken]
-        for job in launch_candidates(run, plan):
+        free = [g for g in free_gpus(state, obs, plan, run.id, claims) if g not in taken]
+        for job in candidates:
             if (run.id, job.id) in touched or obs.preconditions.get((run.id, job.id)):
                 continue
             if active >= limit or len(free) < job.gpus_per_job:

@@ -475,6 +475,8 @@ class Scheduler:
             return False
         held = set()
         for run in self.state.runs.values():
+            if run.finished:
+                continue                  # a finished run holds no GPU: the past costs nothing per tick
             for job in run.jobs.values():
                 if job.status in ACTIVE:
                     held.update(job.gpus)
