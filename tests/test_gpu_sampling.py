@@ -80,3 +80,34 @@ def test_a_gpu_left_long_ago_or_held_again_is_not_watched():
     scheduler._sample_gpus(t)
     scheduler._sample_gpus(scheduler._gpus_at + TICK)
     assert provider.reads == 1
+
+
+def test_skipping_finished_runs_never_changes_which_gpus_are_free():
+    """decide() skips runs that finished before the GPU sample when it collects claims (so a
+    tick does not grow with the ledger's past); at every cut of realistic sweeps, and for
+    samples taken at any moment, the free GPUs are the same as when every run is looked at."""
+    import os
+    import random
+    import sys
+
+    from ledger.decide import GpuObs, Observation, _gpu_claims, free_gpus
+    from ledger.projection import State, apply
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from ledger_gen import synthetic_events
+
+    rng = random.Random(5)
+    state = State()
+    events = list(synthetic_events(3000, seed=9, jobs_per_run=12))
+    for k, ev in enumerate(events):
+        apply(state, ev)
+        if k % 13:
+            continue
+        for since in (ev.ts - 400, ev.ts - 5, ev.ts, ev.ts + 1, rng.uniform(ev.ts - 4000, ev.ts + 10)):
+            gpus = {i: GpuObs(index=i, uuid="GPU-%d" % i, used_mib=rng.choice([0, 100, 30000]), total_mib=81920)
+                    for i in range(8)}
+            obs = Observation(now=since + 0.1, gpus=gpus, gpus_taken_at=since)
+            every = _gpu_claims(state)
+            for run in state.runs.values():
+                plan = run.plan_obj
+                assert free_gpus(state, obs, plan, run.id, _gpu_claims(state, since)) == \
+                    free_gpus(state, obs, plan, run.id, every)
