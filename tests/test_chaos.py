@@ -4,6 +4,7 @@ Real processes, real screen sessions, the GPU simulator, a real SQLite file on a
 (tiny) filesystem. Each test names the guarantee it proves; docs/reliability.md lists them.
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -98,7 +99,7 @@ def test_sigterm_and_sigint_stop_cleanly_jobs_go_on_and_the_next_start_adopts_th
 def test_disk_full_halts_launching_says_why_keeps_the_record_and_carries_on(tmp_path, ledger_db):
     """The ledger's folder is a 4 MB tmpfs (its scheduler.log and control files too, as on a
     real full home disk); the jobs' own folder is elsewhere."""
-    with tiny_tmpfs(os.path.dirname(ledger_db), size="4m") as folder:
+    with tiny_tmpfs(os.path.dirname(ledger_db), size="4m") as folder, _stopped_before_unmount(ledger_db):
         (tmp_path / "gpus").mkdir()
         os.symlink(str(tmp_path / "gpus"), os.path.join(folder, "sim"))   # real GPUs are not on that disk
         m = _starts_manifest(tmp_path, "diskfull", 6, 1, 1.0, mem=1000, output=False)   # exit codes decide
@@ -166,6 +167,17 @@ class HungryFiller:
         self.thread.join(5)
         os.close(self.fd)
         os.unlink(self.path)
+
+
+@contextlib.contextmanager
+def _stopped_before_unmount(db):
+    """The ledger fixture stops the scheduler and its jobs through files in the ledger folder;
+    when that folder is a tmpfs unmounted at the end of the test, do it while it is still there."""
+    try:
+        yield
+    finally:
+        from conftest import _stop_scheduler
+        _stop_scheduler(db)
 
 
 def _story(db):
@@ -467,7 +479,7 @@ def test_a_scheduler_started_on_a_full_disk_waits_for_space_instead_of_exiting(t
     """The scheduler dies and is started again while the ledger's disk is full: it stays up,
     launches nothing and says why; once space is back it records its start and the halt, adopts
     the running job and finishes the run."""
-    with tiny_tmpfs(os.path.dirname(ledger_db), size="4m") as folder:
+    with tiny_tmpfs(os.path.dirname(ledger_db), size="4m") as folder, _stopped_before_unmount(ledger_db):
         (tmp_path / "gpus").mkdir()
         os.symlink(str(tmp_path / "gpus"), os.path.join(folder, "sim"))
         m = _starts_manifest(tmp_path, "fullstart", 2, 1, 6.0, mem=1000)
