@@ -24,6 +24,7 @@ Sections:
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -61,7 +62,7 @@ def pct(xs, p):
     if not xs:
         return None
     s = sorted(xs)
-    k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
+    k = max(0, min(len(s) - 1, int(math.ceil(p / 100.0 * len(s))) - 1))
     return s[k]
 
 
