@@ -97,8 +97,15 @@ def assert_no_gpu_shared(evs):
 
 
 def scheduler_pid(db):
+    """The scheduler's pid; -1 while its lock is held but its pid not yet written."""
     from ledger.scheduler import scheduler_pid as pid_of
     return pid_of(db)
+
+
+def started_scheduler_pid(db, timeout=30):
+    """Wait for a scheduler that holds the lock and has written its pid (never -1)."""
+    return wait_for(lambda: (scheduler_pid(db) or 0) > 0 and scheduler_pid(db), timeout=timeout,
+                    what="the scheduler to start and write its pid")
 
 
 def kill_scheduler(db, sig=signal.SIGKILL):

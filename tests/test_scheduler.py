@@ -16,7 +16,7 @@ import pytest
 
 from conftest import wait_for
 from fixtures_run import (assert_no_gpu_shared, events, kill_scheduler, kinds_of, ledger, scheduler_pid,
-                          state, submit, wait_event, wait_finished, write_manifest)
+                          started_scheduler_pid, state, submit, wait_event, wait_finished, write_manifest)
 
 SIM_JOB = "python3 -m ledger.sim job"
 
@@ -421,7 +421,7 @@ def test_submit_follow_shows_progress_until_the_end_and_the_scheduler_is_detache
         """)
     proc = subprocess.Popen([sys.executable, "-m", "ledger.cli.main", "submit", m, "--host", "local", "--follow"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pid = wait_for(lambda: scheduler_pid(ledger_db), timeout=30, what="the scheduler to start")
+    pid = started_scheduler_pid(ledger_db)
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     session, tty = int(fields[3]), int(fields[4])
