@@ -18,7 +18,7 @@ import os
 import sqlite3
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from urllib.parse import quote
 
 from .revision import SCHEMA_HEAD
@@ -573,18 +573,14 @@ class Store:
             params.append(int(limit))
         return self._iter_events(query, params)
 
-    def _iter_events(self, query, params):
+    @contextmanager
+    def _cursor(self):
+        """A cursor on a pooled connection; SQLite errors become one StoreError."""
         raw = self._engine.raw_connection()
         try:
             cur = raw.cursor()
             try:
-                cur.execute(query, params)
-                while True:
-                    rows = cur.fetchmany(READ_BATCH)
-                    if not rows:
-                        return
-                    for seq, ts, run, job, version, attempt, kind, data in rows:
-                        yield Event(kind, run, job, attempt, decode_data(kind, data), ts, seq, version)
+                yield cur
             finally:
                 cur.close()
         except sqlite3.Error as exc:
@@ -592,18 +588,19 @@ class Store:
         finally:
             raw.close()
 
+    def _iter_events(self, query, params):
+        with self._cursor() as cur:
+            cur.execute(query, params)
+            while True:
+                rows = cur.fetchmany(READ_BATCH)
+                if not rows:
+                    return
+                for seq, ts, run, job, version, attempt, kind, data in rows:
+                    yield Event(kind, run, job, attempt, decode_data(kind, data), ts, seq, version)
+
     def _query_one(self, query, params=()):
-        raw = self._engine.raw_connection()
-        try:
-            cur = raw.cursor()
-            try:
-                return cur.execute(query, params).fetchone()
-            finally:
-                cur.close()
-        except sqlite3.Error as exc:
-            raise StoreError("cannot read ledger at %s: %s" % (self.path, _one_line(exc)))
-        finally:
-            raw.close()
+        with self._cursor() as cur:
+            return cur.execute(query, params).fetchone()
 
     def state(self, until_seq=None, until_ts=None, snapshot=True):
         """The projection as of ``until_seq`` / ``until_ts`` (everything by default).
@@ -639,30 +636,21 @@ class Store:
         new = object.__new__
         setattr_ = object.__setattr__
         folded = 0
-        raw = self._engine.raw_connection()
-        try:
-            cur = raw.cursor()
-            try:
-                cur.execute(query, params)
-                while True:
-                    rows = cur.fetchmany(READ_BATCH)
-                    if not rows:
+        with self._cursor() as cur:
+            cur.execute(query, params)
+            while True:
+                rows = cur.fetchmany(READ_BATCH)
+                if not rows:
+                    return folded
+                for seq, ts, run, job, version, attempt, kind, data in rows:
+                    if until_ts is not None and ts > until_ts:
                         return folded
-                    for seq, ts, run, job, version, attempt, kind, data in rows:
-                        if until_ts is not None and ts > until_ts:
-                            return folded
-                        ev = new(Event)
-                        setattr_(ev, "__dict__", {"kind": kind, "run": run, "job": job, "attempt": attempt,
-                                                  "data": decode(kind, data), "ts": ts, "seq": seq,
-                                                  "version": version})
-                        apply(state, ev)
-                        folded += 1
-            finally:
-                cur.close()
-        except sqlite3.Error as exc:
-            raise StoreError("cannot read ledger at %s: %s" % (self.path, _one_line(exc)))
-        finally:
-            raw.close()
+                    ev = new(Event)
+                    setattr_(ev, "__dict__", {"kind": kind, "run": run, "job": job, "attempt": attempt,
+                                              "data": decode(kind, data), "ts": ts, "seq": seq,
+                                              "version": version})
+                    apply(state, ev)
+                    folded += 1
 
     # -- the projection snapshot beside the ledger --
 
