@@ -690,3 +690,49 @@ def test_follow_exits_1_when_the_run_ends_with_a_stuck_job(tmp_path, ledger_db):
     assert "completed 1" in res.stdout and "stuck 1" in res.stdout
     res = ledger("status", "--watch", check=False)
     assert res.returncode == 1 and "stuck 1" in res.stdout
+
+
+def test_a_tick_that_keeps_failing_stops_the_scheduler_with_the_reason_recorded(tmp_path, ledger_db, monkeypatch):
+    """An error the loop does not expect (here: an impossible transition written into the
+    ledger behind the store's back) is logged, the state rebuilt and the tick tried again;
+    when it keeps failing the scheduler stops and records why, instead of dying silently
+    or spinning."""
+    import sqlite3
+    import threading
+    from ledger import api
+    from ledger import scheduler as sched_mod
+    from ledger.gpus import provider_from_spec
+    from ledger.manifest import load_manifest
+    from ledger.store import open_store
+    monkeypatch.setattr(sched_mod, "MAX_FAILED_TICKS", 3)
+    m = write_manifest(tmp_path, """
+        project: broken
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        launcher: process
+        jobs:
+          - {{id: a, cmd: "sleep 60"}}
+          - {{id: b, cmd: "true"}}
+        """)
+    run = api.submit(ledger_db, load_manifest(m).to_dict(), start_scheduler=False)["run"]
+
+    def forge_an_impossible_event():   # b is pending: 'launched' without a launch is not allowed
+        conn = sqlite3.connect(ledger_db, isolation_level=None, timeout=10)
+        seq, version = conn.execute("SELECT max(seq), (SELECT max(version) FROM events WHERE run = ? AND job = 'b') "
+                                    "FROM events", (run,)).fetchone()
+        conn.execute("INSERT INTO events (seq, ts, run, job, version, attempt, kind, data) VALUES "
+                     "(?, ?, ?, 'b', ?, 1, 'launched', '{\"pid\": 1}')", (seq + 1, time.time(), run, version + 1))
+        conn.close()
+
+    lines = []
+    with open_store(ledger_db) as store:
+        provider = provider_from_spec("sim:1x80G,lag=0", os.path.dirname(ledger_db))
+        scheduler = sched_mod.Scheduler(store, provider, "sim:1x80G,lag=0", log=lines.append)
+        threading.Thread(target=lambda: (wait_event(ledger_db, run, "launched", "a"), forge_an_impossible_event()),
+                         daemon=True).start()
+        reason = scheduler.run()
+    assert reason.startswith("stopped after 3 failed ticks in a row: TransitionError")
+    assert sum("tick failed" in line and "Traceback" in line for line in lines) == 3
+    conn = sqlite3.connect(ledger_db)
+    last = conn.execute("SELECT kind, data FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+    assert last[0] == "scheduler_stopped" and "failed ticks" in json.loads(last[1])["reason"]
