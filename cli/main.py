@@ -133,8 +133,9 @@ def _host_flag(backend):
 
 
 def _exit_by_outcome(data):
-    """--follow/--watch end with exit 1 when the run ended with stuck jobs (for scripts)."""
-    if data and data["counts"].get("stuck"):
+    """--follow/--watch end with exit 1 when the run ended with jobs that did not complete
+    (stuck, or blocked and never run), for scripts."""
+    if data and (data["counts"].get("stuck") or data["counts"].get("blocked")):
         sys.exit(1)
 
 
@@ -145,11 +146,13 @@ def _follow(backend, run, interval=1.0, heartbeat=60.0):
     a line is printed when the counts change, and once a minute as a heartbeat.
     """
     tty = sys.stdout.isatty()
-    last_counts, last_print, warned = None, 0.0, False
+    last_counts, last_print, warned, idle_polls = None, 0.0, False, 0
     try:
         while True:
             data = backend.call("status", run=run)
-            if not data["scheduler"]["running"] and data["run"]["state"] != "finished" and not warned:
+            # a scheduler just spawned takes a moment to hold its lock: warn only if it stays away
+            idle_polls = 0 if data["scheduler"]["running"] else idle_polls + 1
+            if idle_polls >= 3 and data["run"]["state"] != "finished" and not warned:
                 click.echo("%sthe scheduler is not running: nothing moves until `ledger resume%s` starts it"
                            % ("\n" if tty and last_counts else "", _host_flag(backend)), err=True)
                 warned = True

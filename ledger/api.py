@@ -17,7 +17,6 @@ from . import scheduler as sched
 from .errors import ConflictError, LedgerError, NotFoundError
 from .events import Event, event_to_dict
 from .plan import Plan
-from .projection import project
 from .states import ACTIVE, FINAL, JobStatus
 from .summary import job_runtime, render_summary
 

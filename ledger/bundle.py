@@ -24,7 +24,6 @@ import io
 import os
 import shlex
 import tarfile
-import tempfile
 
 from . import __version__
 from .errors import LedgerError

@@ -245,7 +245,9 @@ def _judge(run, plan, spec, job, seen, obs, config):
     """The attempt ended: record how, then the verdict (and what comes next)."""
     ex = seen.exit
     a = job.current
-    started = a.started_at or a.requested_at or ex.get("started_at") or obs.now
+    # The wrapper's own start time (from the exit record) is when the job really began;
+    # the launched event lands a tick later.
+    started = ex.get("started_at") or a.started_at or a.requested_at or obs.now
     ended = ex.get("ended_at") or obs.now
     tail = outcomes.last_lines(seen.log_tail, 20, 4000)
     out = [_ev("exited", run, job, exit_code=ex.get("exit_code"), signal=ex.get("signal"),
@@ -354,7 +356,7 @@ def _gate_phases(run, plan, obs):
         g = gate.get(job.phase)
         if g == "wait":
             continue
-        reason = g or obs.preconditions.get((run.id, job.id))
+        reason = g or obs.preconditions.get((run.id, job.id)) or _never_fits(job, plan, obs)
         if job.status == P and reason:
             out.append(_ev("blocked", run, job, reason=reason))
         elif job.status == B and reason is None and (run.id, job.id) in obs.preconditions:
@@ -362,6 +364,22 @@ def _gate_phases(run, plan, obs):
         elif job.status == B and reason and reason != job.reason:
             out.append(_ev("blocked", run, job, reason=reason))
     return out
+
+
+NEVER_FITS = "needs %d GPUs; this host offers %d (%s)"
+
+
+def _never_fits(job, plan, obs):
+    """Why a job can never launch here (it asks for more GPUs than the host has, among
+    those the manifest allows), else None. Without a GPU reading a job blocked for this
+    stays blocked: a failing nvidia-smi must not make it flap."""
+    if obs.gpus is None or obs.gpu_error is not None or not obs.gpus:
+        sticky = job.status == B and job.reason and job.reason.startswith("needs ")
+        return job.reason if sticky else None
+    usable = [i for i in sorted(obs.gpus) if plan.gpus is None or i in plan.gpus]
+    if job.gpus_per_job > len(usable):
+        return NEVER_FITS % (job.gpus_per_job, len(usable), ",".join(map(str, usable)) or "none")
+    return None
 
 
 def launch_candidates(run, plan):

@@ -40,7 +40,6 @@ Choices worth knowing
   screen caps at 80) can address one session exactly.
 """
 
-import errno
 import json
 import os
 import re
@@ -50,7 +49,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 from ledger.errors import LaunchError
 from ledger.names import SESSION_NAME_MAX, SESSION_PREFIX, session_name  # noqa: F401 (re-exported)

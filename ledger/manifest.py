@@ -47,7 +47,7 @@ LAUNCHERS = ("screen", "tmux", "process")
 PRECONDITION_TYPES = ("checkpoint_exists",)
 #: Names users reach for in on_complete/on_stuck, and the environment variable that has it.
 HOOK_NAMES = {"JOB": "LEDGER_JOB", "JOB_ID": "LEDGER_JOB", "RUN": "LEDGER_RUN", "RUN_ID": "LEDGER_RUN",
-              "REASON": "LEDGER_REASON", "HOOK": "LEDGER_HOOK"}
+              "REASON": "LEDGER_REASON", "HOOK": "LEDGER_HOOK", "GPU": None, "ATTEMPT": None}
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
 
 #: Shown if a bug slips through; the property tests check it never appears.
@@ -775,8 +775,9 @@ class _ManifestReader:
         text = self._text(data, key)
         for name in re.findall(r"\$\{(\w+)\}", text or ""):
             if name in HOOK_NAMES:
-                self.problems.add((key,), "${%s} is empty in a hook; use $%s (hooks get LEDGER_RUN, "
-                                  "LEDGER_JOB, LEDGER_REASON, LEDGER_HOOK)" % (name, HOOK_NAMES[name]))
+                use = "use $%s" % HOOK_NAMES[name] if HOOK_NAMES[name] else "a hook has no GPU or attempt"
+                self.problems.add((key,), "${%s} is empty in a hook; %s (hooks get LEDGER_RUN, "
+                                  "LEDGER_JOB, LEDGER_REASON, LEDGER_HOOK)" % (name, use))
         return text
 
     def _gpus(self, data):

@@ -8,7 +8,7 @@ sees a ``Plan``. Every setting a job needs is resolved onto the job itself.
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 PLAN_FORMAT = 1
 RESERVED_VARS = ("GPU", "RUN_ID", "ATTEMPT")

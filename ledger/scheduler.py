@@ -389,13 +389,14 @@ class Scheduler:
         """(every file the output check matches, whether one of them was written by this
         attempt). A file left by an earlier run or attempt satisfies the check of a job that
         exits 0, but never makes a running job look finished: only a file modified after the
-        attempt was requested (1 s of slack for coarse mtimes) starts the linger grace."""
+        attempt was requested starts the linger grace (no slack: a clock or mtime that is off
+        can only spare a lingering job, never kill a working one)."""
         root = expand_home(plan.cwd, self.config.home)
         paths = sorted(glob.glob(os.path.join(root, spec.output_check)))[:50]
         fresh = False
         for path in paths:
             try:
-                fresh = fresh or since is None or os.stat(path).st_mtime >= since - 1.0
+                fresh = fresh or since is None or os.stat(path).st_mtime >= since
             except OSError:
                 pass
         return tuple(os.path.relpath(p, root) for p in paths), fresh

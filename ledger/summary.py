@@ -66,13 +66,23 @@ def _table(headers, rows):
     return "\n".join(out)
 
 
+def _ooms(job):
+    """OOMs over every attempt (the job's own counter restarts at a manual retry)."""
+    return sum(1 for a in job.attempts if a.oom)
+
+
+def _failures(job):
+    """Attempts that failed for another reason than an OOM, over every attempt."""
+    return sum(1 for a in job.attempts if a.outcome not in (None, "success", "oom", "cancelled"))
+
+
 def render_summary(state, run_id):
     run = state.runs[run_id]
     plan = run.plan_obj
     jobs = list(run.jobs.values())
     by = {s: [j for j in jobs if j.status == s] for s in JobStatus}
     completed = by[JobStatus.COMPLETED]
-    oom_then_ok = [j for j in completed if j.oom_count > 0]
+    oom_then_ok = [j for j in completed if _ooms(j) > 0]
     end = run.finished_at or state.last_ts
     lines = [
         "# Summary of run %s" % run.id,
@@ -96,11 +106,11 @@ def render_summary(state, run_id):
         starts = [a.requested_at for j in pj for a in j.attempts if a.requested_at]
         ends = [a.ended_at for j in pj for a in j.attempts if a.ended_at]
         span = (max(ends) - min(starts)) if starts and ends else None
-        rows.append([phase.name, len(pj), "%d/%d" % (len(ok), len(pj)), sum(j.oom_count for j in pj),
-                     sum(j.failures for j in pj), duration(span)])
+        rows.append([phase.name, len(pj), "%d/%d" % (len(ok), len(pj)), sum(_ooms(j) for j in pj),
+                     sum(_failures(j) for j in pj), duration(span)])
     lines += [_table(["phase", "jobs", "success", "OOM retries", "other failures", "duration"], rows), ""]
     lines += ["## Jobs", ""]
-    rows = [[j.id, j.phase, j.status.value, j.attempt, j.oom_count, duration(job_runtime(j)),
+    rows = [[j.id, j.phase, j.status.value, j.attempt, _ooms(j), duration(job_runtime(j)),
              _one_line(j.reason) if j.status != JobStatus.COMPLETED else ""] for j in jobs]
     lines += [_table(["job", "phase", "status", "attempts", "OOMs", "run time", "last error"], rows), ""]
     results = [(j.id, o) for j in completed for o in j.outputs]

@@ -307,3 +307,44 @@ def test_decide_is_pure_the_same_inputs_give_the_same_events():
     first, second = decide(st, o, CONFIG), decide(st, o, CONFIG)
     assert first == second and first
     assert st == state_of(p, *launched("a", 0))    # the state was not touched
+
+
+def test_a_job_needing_more_gpus_than_the_host_has_is_blocked_and_does_not_hold_up_the_others():
+    st = state_of(plan(job("wide", gpus_per_job=8), job("narrow", gpus_per_job=2)))
+    out = decide(st, obs(T + 5, gpus(0, 0, 0, 0)), CONFIG)
+    assert kinds(out) == [("blocked", "wide"), ("launch_requested", "narrow")]
+    assert out[0].data["reason"] == "needs 8 GPUs; this host offers 4 (0,1,2,3)"
+    for e in out:
+        apply(st, e)
+    # no flapping: neither a later reading nor a failing nvidia-smi unblocks it
+    assert [k for k in kinds(decide(st, obs(T + 6, gpus(0, 0, 0, 0)), CONFIG)) if k[1] == "wide"] == []
+    assert [k for k in kinds(decide(st, obs(T + 7, None, gpu_error="nvidia-smi hung"), CONFIG))
+            if k[1] == "wide"] == []
+    allowed = state_of(plan(job("x", gpus_per_job=2), gpus=(3, 9)))
+    out = decide(allowed, obs(T + 5, gpus(0, 0, 0, 0)), CONFIG)
+    assert kinds(out) == [("blocked", "x")] and out[0].data["reason"] == "needs 2 GPUs; this host offers 1 (3)"
+
+
+def test_summary_counts_failures_and_ooms_of_every_attempt_across_a_manual_retry():
+    from ledger.summary import render_summary
+
+    def failed_attempt(n, oom=False):
+        verdict = ("oom_detected", "a", n, {"oom_kind": "torch", "retry_at": None, "delay": None}) if oom else \
+            ("failed", "a", n, {"reason": "exit 3", "outcome": "exit_code", "exit_code": 3, "retry_at": None})
+        return [*launched("a", 0, attempt=n), ("exited", "a", n, {"exit_code": 1 if oom else 3}), verdict,
+                ("stuck", "a", n, {"reason": "needs a human"})]
+    st = state_of(plan(job("a", oom_retry=RetryPolicy(max_attempts=1))),
+                  *failed_attempt(1), ("manual_retry", "a", 2, {"actor": "me", "next_attempt": 2}),
+                  *failed_attempt(2), ("manual_retry", "a", 3, {"actor": "me", "next_attempt": 3}),
+                  *failed_attempt(3, oom=True))
+    text = render_summary(st, RUN)
+    phase_row = [line for line in text.splitlines() if line.startswith("| main ")][0]
+    assert [c.strip() for c in phase_row.strip("|").split("|")] == ["main", "1", "0/1", "1", "2", phase_row.split("|")[6].strip()]
+
+
+def test_an_attempts_duration_runs_from_the_wrappers_own_start_not_the_launched_event():
+    st = state_of(plan(job("a")), *launched("a", 0))            # launched recorded at T + 2
+    done = {(RUN, "a"): AttemptObs(pid=1, exit={"exit_code": 0, "signal": None, "started_at": T + 1.5,
+                                                "ended_at": T + 1.75})}
+    out = decide(st, obs(T + 3, None, attempts=done), CONFIG)
+    assert out[0].kind == "exited" and out[0].data["duration"] == 0.25

@@ -823,13 +823,15 @@ def test_ssh_alias_must_not_look_like_an_option():
 def test_hook_variables_that_would_expand_to_nothing_are_named_with_the_one_to_use():
     assert problems(BASE + manifest("""
         on_stuck: notify-send "stuck ${JOB}" "${HOME}"
-        on_complete: echo $LEDGER_RUN ${LEDGER_JOB} ${RUN_ID}
+        on_complete: echo $LEDGER_RUN ${LEDGER_JOB} ${RUN_ID} on ${GPU}
         jobs: [{id: a}]
     """)) == [
         "manifest.yaml:4:11: on_stuck: ${JOB} is empty in a hook; use $LEDGER_JOB (hooks get LEDGER_RUN, "
         "LEDGER_JOB, LEDGER_REASON, LEDGER_HOOK)",
         "manifest.yaml:5:14: on_complete: ${RUN_ID} is empty in a hook; use $LEDGER_RUN (hooks get LEDGER_RUN, "
         "LEDGER_JOB, LEDGER_REASON, LEDGER_HOOK)",
+        "manifest.yaml:5:14: on_complete: ${GPU} is empty in a hook; a hook has no GPU or attempt (hooks get "
+        "LEDGER_RUN, LEDGER_JOB, LEDGER_REASON, LEDGER_HOOK)",
     ]
 
 

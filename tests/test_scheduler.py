@@ -690,6 +690,19 @@ def test_follow_exits_1_when_the_run_ends_with_a_stuck_job(tmp_path, ledger_db):
     assert "completed 1" in res.stdout and "stuck 1" in res.stdout
     res = ledger("status", "--watch", check=False)
     assert res.returncode == 1 and "stuck 1" in res.stdout
+    blocked = write_manifest(tmp_path, """
+        project: blockedexit
+        cwd: {cwd}
+        gpu_provider: "sim:1x80G,lag=0"
+        jobs:
+          - {{id: ok, cmd: "true"}}
+          - id: needs_ckpt
+            cmd: "true"
+            preconditions: [{{type: checkpoint_exists, path: missing.pt}}]
+        """, name="blocked.yaml")
+    res = ledger("submit", blocked, "--host", "local", "--no-check", "--follow", check=False)
+    assert res.returncode == 1 and "blocked 1" in res.stdout, res.stdout + res.stderr
+    assert "scheduler is not running" not in res.stderr     # no false alarm while it starts
 
 
 def test_a_tick_that_keeps_failing_stops_the_scheduler_with_the_reason_recorded(tmp_path, ledger_db, monkeypatch):
