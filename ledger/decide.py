@@ -151,11 +151,11 @@ def free_gpus(state, obs, plan, run_id, claims=None):
     Free means: readable, memory.used below the threshold in a sample taken after
     the last of our jobs left it, and not held (or about to be held) by any job of
     ours in any run. Never a guess: an unreadable GPU is never free. ``claims``:
-    ``_gpu_claims(state, obs.gpus_taken_at)`` when the caller has it already.
+    ``gpu_claims(state, obs.gpus_taken_at)`` when the caller has it already.
     """
     if obs.gpus is None or obs.gpu_error is not None:
         return []
-    held, left_at = claims if claims is not None else _gpu_claims(state, obs.gpus_taken_at)
+    held, left_at = claims if claims is not None else gpu_claims(state, obs.gpus_taken_at)
     allowed = set(plan.gpus) if plan.gpus is not None else None
     free = []
     for idx in sorted(obs.gpus):
@@ -172,7 +172,7 @@ def free_gpus(state, obs, plan, run_id, claims=None):
     return free
 
 
-def _gpu_claims(state, since=None):
+def gpu_claims(state, since=None):
     """GPUs held by active jobs (any run), and when each GPU was last left.
 
     A run that finished before ``since`` (the GPU sample's time) is skipped: it holds
@@ -410,7 +410,7 @@ def _launches(state, obs, config, already):
         if not candidates:
             continue
         if claims is None:
-            claims = _gpu_claims(state, obs.gpus_taken_at)
+            claims = gpu_claims(state, obs.gpus_taken_at)
         active = sum(1 for j in run.jobs.values() if j.status in ACTIVE)
         limit = plan.max_parallel or 10 ** 6
         free = [g for g in free_gpus(state, obs, plan, run.id, claims) if g not in taken]

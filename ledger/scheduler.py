@@ -20,7 +20,7 @@ import sys
 import time
 
 from . import __version__, launchers, outcomes
-from .decide import (AttemptObs, Config, GpuObs, Observation, decide, expand_home, is_idle,
+from .decide import (AttemptObs, Config, GpuObs, Observation, decide, expand_home, gpu_claims, is_idle,
                      launch_candidates, phase_gate, MAX_LAUNCH_FAILURES, LAUNCH_RETRY_DELAY)
 from .errors import ConflictError, DiskFullError, LaunchError, LedgerError, SchedulerRunning
 from .events import Event
@@ -448,40 +448,19 @@ class Scheduler:
         tick and the next job starts within a tick of the release."""
         if not self._gpus:
             return False
-        held, ended, threshold = set(), {}, None
-        for run in self.state.runs.values():
-            if run.finished and now - run.finished_at > DRAIN_WINDOW:
-                continue
-            if not run.finished:
-                t = run.plan_obj.gpu_free_threshold_mib
-                threshold = t if threshold is None else min(threshold, t)
-            for job in run.jobs.values():
-                if job.status in ACTIVE:
-                    held.update(job.gpus)
-                elif job.attempts and job.attempts[-1].ended_at is not None:
-                    a = job.attempts[-1]
-                    if now - a.ended_at < DRAIN_WINDOW:
-                        for g in a.gpus:
-                            ended[g] = max(ended.get(g, 0.0), a.ended_at)
-        for g, left in ended.items():
+        held, left_at = gpu_claims(self.state, since=now - DRAIN_WINDOW)
+        thresholds = [r.plan_obj.gpu_free_threshold_mib for r in self.state.runs.values() if not r.finished]
+        threshold = min(thresholds) if thresholds else None
+        for g, left in left_at.items():
             seen = self._gpus.get(g)
-            if g in held or seen is None:
+            if now - left >= DRAIN_WINDOW or g in held or seen is None:
                 continue
             if self._gpus_at <= left or seen.used_mib is None or (threshold is not None and seen.used_mib >= threshold):
                 return True
         return False
 
     def _all_gpus_held(self):
-        if not self._gpus:
-            return False
-        held = set()
-        for run in self.state.runs.values():
-            if run.finished:
-                continue                  # a finished run holds no GPU: the past costs nothing per tick
-            for job in run.jobs.values():
-                if job.status in ACTIVE:
-                    held.update(job.gpus)
-        return set(self._gpus) <= held
+        return bool(self._gpus) and set(self._gpus) <= gpu_claims(self.state, since=self._gpus_at)[0]
 
     # ---- acting on events ----
 

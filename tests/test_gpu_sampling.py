@@ -90,7 +90,7 @@ def test_skipping_finished_runs_never_changes_which_gpus_are_free():
     import random
     import sys
 
-    from ledger.decide import GpuObs, Observation, _gpu_claims, free_gpus
+    from ledger.decide import GpuObs, Observation, gpu_claims, free_gpus
     from ledger.projection import State, apply
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
     from ledger_gen import synthetic_events
@@ -106,8 +106,8 @@ def test_skipping_finished_runs_never_changes_which_gpus_are_free():
             gpus = {i: GpuObs(index=i, uuid="GPU-%d" % i, used_mib=rng.choice([0, 100, 30000]), total_mib=81920)
                     for i in range(8)}
             obs = Observation(now=since + 0.1, gpus=gpus, gpus_taken_at=since)
-            every = _gpu_claims(state)
+            every = gpu_claims(state)
             for run in state.runs.values():
                 plan = run.plan_obj
-                assert free_gpus(state, obs, plan, run.id, _gpu_claims(state, since)) == \
+                assert free_gpus(state, obs, plan, run.id, gpu_claims(state, since)) == \
                     free_gpus(state, obs, plan, run.id, every)
