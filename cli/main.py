@@ -469,10 +469,11 @@ def hosts(ctx, as_json, accept_new_host_key):
 
 @cli.command()
 @click.option("--example", default="sim_sweep", show_default=True, help="Which built-in example manifest.")
-@click.option("--new-run", is_flag=True, help="Run it again even if it ran before.")
+@click.option("--reuse", is_flag=True, help="Show the last run of this example instead of running it again.")
 @click.pass_context
-def demo(ctx, example, new_run):
-    """Run a built-in example manifest on the GPU simulator, end to end, here.
+def demo(ctx, example, reuse):
+    """Run a built-in example manifest on the GPU simulator, end to end, here: a new run
+    each time, recorded in this machine's ledger, its jobs working in the example's cwd.
 
     \b
     Example:
@@ -482,8 +483,9 @@ def demo(ctx, example, new_run):
     p = _load(example_path(example))
     os.makedirs(os.path.expanduser(p.cwd), exist_ok=True)   # the example's working folder
     backend = _backend(ctx, "local")
-    out = backend.submit(p, new_run=new_run, gpu_provider=None, check=False)
+    out = backend.submit(p, new_run=not reuse, gpu_provider=None, check=False)
     click.echo("run %s: %d jobs of %s on %s (simulated GPUs)" % (out["run"], out["jobs"], example, p.gpu_provider))
+    click.echo("ledger %s; jobs work in %s" % (out["db"], p.cwd))
     _follow(backend, out["run"])
     click.echo("")
     click.echo(backend.call("summary", run=out["run"])["markdown"], nl=False)

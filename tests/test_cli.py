@@ -196,3 +196,15 @@ def test_logs_lines_must_be_positive_and_a_finished_run_cannot_be_cancelled_agai
     assert res.returncode == 2 and "-n" in res.stderr
     res = ledger("cancel", RUN, check=False)
     assert res.returncode == 2 and "run %s has no job left to cancel" % RUN in res.stderr
+
+
+def test_demo_runs_the_example_end_to_end_and_a_second_demo_is_a_new_run(ledger_db, tmp_path):
+    env = dict(os.environ, HOME=str(tmp_path / "home"))        # the example works in ~/ledger-demo
+    runs = []
+    for _ in range(2):
+        out = ledger("demo", env=env, timeout=240).stdout
+        runs.append(re.search(r"^run (\S+): 12 jobs of sim_sweep", out, re.M).group(1))
+        assert "ledger %s; jobs work in ~/ledger-demo" % ledger_db in out
+        assert "(finished): completed 12" in out and "# Summary of run %s" % runs[-1] in out
+    assert runs[0] != runs[1]
+    assert len(list((tmp_path / "home" / "ledger-demo" / "experiment_queue").iterdir())) == 2
